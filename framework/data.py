@@ -1,0 +1,143 @@
+"""Plain data that flows between the stages: dataset → encoder → pooler → similarity → metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PairSet:
+    """Sentence pairs of one split, and an account of every row that was read.
+
+    ``rows_read == len(self) + sum(skipped.values())``: a row is either here or counted in
+    ``skipped`` under its reason. ``notes`` counts rows kept with a caveat (e.g. bytes that were not
+    valid UTF-8, decoded with replacement characters).
+    """
+
+    dataset: str
+    split: str
+    ids: list[str]
+    sentences_a: list[str]
+    sentences_b: list[str]
+    labels: np.ndarray
+    rows_read: int
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if not (len(self.sentences_a) == len(self.sentences_b) == len(self.labels) == n):
+            raise ValueError("PairSet columns differ in length")
+        if self.rows_read != n + sum(self.skipped.values()):
+            raise ValueError("PairSet row accounting does not add up")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def unique_sentences(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Each distinct sentence once, and where sentence a / b of every pair sits in that list."""
+        position: dict[str, int] = {}
+        for sentence in (*self.sentences_a, *self.sentences_b):
+            position.setdefault(sentence, len(position))
+        a_index = np.fromiter((position[s] for s in self.sentences_a), dtype=np.int64, count=len(self))
+        b_index = np.fromiter((position[s] for s in self.sentences_b), dtype=np.int64, count=len(self))
+        return list(position), a_index, b_index
+
+    def counts(self) -> dict[str, int]:
+        """Row accounting, flat, for logging."""
+        counts = {"rows_read": self.rows_read, "rows_evaluated": len(self), "rows_skipped": self.rows_skipped}
+        counts.update({f"skipped_{reason}": n for reason, n in sorted(self.skipped.items())})
+        counts.update({f"rows_{note}": n for note, n in sorted(self.notes.items())})
+        return counts
+
+
+@dataclass
+class TokenStates:
+    """Token-level vectors of a batch of sentences at one layer, right-padded.
+
+    ``states[i, t]`` is token t of sentence ``sentence_index[i]`` (an index into the list given to
+    the encoder); ``mask[i, t]`` is True for real tokens. Every sentence has at least one real
+    token (an encoder gives a sentence with nothing to encode one zero vector, and counts it), so
+    poolers never divide by zero. ``counts`` are the encoder's tallies for this batch (tokens,
+    out-of-vocabulary tokens, empty sentences …), summed by the harness and logged.
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    sentence_index: torch.Tensor
+    counts: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.states.dim() != 3 or self.mask.shape != self.states.shape[:2]:
+            raise ValueError(f"TokenStates shapes disagree: states {tuple(self.states.shape)}, mask {tuple(self.mask.shape)}")
+        if self.sentence_index.shape != (self.states.shape[0],):
+            raise ValueError("TokenStates.sentence_index must have one entry per sentence")
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """The layer a job asked for, as the encoder understood it.
+
+    ``requested`` is the config value (None for encoders without layers), ``index`` the
+    non-negative position in the encoder's ``hidden_states`` tuple, ``block`` the 0-based block
+    whose output that is (None for entries that are not a block's output, e.g. embeddings).
+    """
+
+    requested: int | None = None
+    index: int | None = None
+    block: int | None = None
+
+    @property
+    def label(self) -> str:
+        return "-" if self.index is None else str(self.index)
+
+
+@dataclass
+class PairTokenStates:
+    """Token states of a split's pairs, for poolers that learn (``fit``).
+
+    ``batches`` cover every distinct sentence; pair i is sentences ``a_index[i]`` and
+    ``b_index[i]`` of that list; ``labels[i]`` its gold label.
+    """
+
+    batches: list[TokenStates]
+    a_index: np.ndarray
+    b_index: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass
+class PairScores:
+    """Cosine similarity of every evaluated pair, with what is needed to read it back."""
+
+    pairs: PairSet
+    scores: np.ndarray
+
+    def rows(self):
+        for i in range(len(self.pairs)):
+            p = self.pairs
+            yield p.ids[i], p.sentences_a[i], p.sentences_b[i], p.labels[i], float(self.scores[i])
+
+
+@dataclass
+class MetricValue:
+    """One metric: its value, its bootstrap confidence interval, and any fitted parameters."""
+
+    name: str
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    extras: dict[str, float] = field(default_factory=dict)

