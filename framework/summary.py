@@ -51,9 +51,15 @@ def run_rows(runs: list[Run]) -> list[RunRow]:
             run.info.run_id, run.info.status,
             params.get("encoder.name", "?"), params.get("pooler.name", "?"),
             params.get("dataset.name", "?"), params.get("dataset.split", "?"),
-            params.get("layer", "?"), dict(run.data.metrics), tags.get("error", ""),
+            _layer(params), dict(run.data.metrics), tags.get("error", ""),
         ))
     return sorted(rows, key=lambda r: (r.dataset, r.encoder, r.pooler, r.layer_number if r.layer_number is not None else -1))
+
+
+def _layer(params: dict[str, str]) -> str:
+    """The resolved layer of a finished run, else the layer the config asked for."""
+    layer = params.get("layer_index", params.get("layer", "?"))
+    return "-" if layer in ("null", "None") else layer
 
 
 def metric_names(rows: list[RunRow]) -> list[str]:

@@ -61,22 +61,27 @@ def job_run(cfg: DictConfig, run_name: str) -> Iterator[mlflow.ActiveRun]:
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent) as run:
         reset_peak_memory()
         try:
+            log_job_params(cfg)
             yield run
         except BaseException as error:
             mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:4000])
             raise
 
 
-def log_evaluation(cfg: DictConfig, evaluation: Evaluation) -> None:
-    """Params, metrics and artifacts of a finished job, on the active run."""
+def log_job_params(cfg: DictConfig) -> None:
+    """What a job was asked to do and with which code: logged first, so failed runs carry it too."""
     params = flatten(OmegaConf.to_container(cfg, resolve=True))
     params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
     params.update(git_state())
-    params.update({f"data.{key}": value for key, value in evaluation.pairs.counts().items()})
+    mlflow.log_params({key: _param_text(value) for key, value in params.items()})
+
+
+def log_evaluation(cfg: DictConfig, evaluation: Evaluation) -> None:
+    """Params, metrics and artifacts of a finished job, on the active run."""
+    params = {f"data.{key}": value for key, value in evaluation.pairs.counts().items()}
     params["data.source"] = evaluation.pairs.source
-    params["layer"] = evaluation.layer.label
-    params["layer_index"] = evaluation.layer.index
-    params["block_index"] = evaluation.layer.block
+    params["layer_index"] = evaluation.layer.label  # "-" for encoders without layers
+    params["block_index"] = "-" if evaluation.layer.block is None else evaluation.layer.block
     if evaluation.calibration is not None:
         params["calibration.split"] = evaluation.calibration.split
         params["calibration.pairs"] = len(evaluation.calibration)
