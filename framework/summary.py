@@ -115,24 +115,30 @@ def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
     names = metric_names(rows) or ["spearman"]
     finished = [r for r in rows if r.status == "FINISHED"]
     several_datasets = len({r.dataset for r in finished}) > 1
-    figure, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    columns = min(3, len(names))
+    rows_of_panels = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
+    for axis in axes.flat[len(names):]:
+        axis.set_visible(False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, name in zip(axes.flat, names):
         groups: dict[str, list[RunRow]] = {}
         for row in finished:
             if name in row.metrics:
                 label = row.config + (f" ({row.dataset})" if several_datasets else "")
                 groups.setdefault(label, []).append(row)
-        for label, group in groups.items():
+        for number, (label, group) in enumerate(groups.items()):
+            color = colors[number % len(colors)]
             layered = sorted((r for r in group if r.layer_number is not None), key=lambda r: r.layer_number)
             if layered:
                 xs = [r.layer_number for r in layered]
-                axis.plot(xs, [r.metrics[name] for r in layered], marker="o", label=label)
+                axis.plot(xs, [r.metrics[name] for r in layered], marker="o", color=color, label=label)
                 if all(f"{name}_ci_low" in r.metrics for r in layered):
                     axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
-                                      [r.metrics[f"{name}_ci_high"] for r in layered], alpha=0.15)
+                                      [r.metrics[f"{name}_ci_high"] for r in layered], color=color, alpha=0.15)
             for row in group:
                 if row.layer_number is None:
-                    axis.axhline(row.metrics[name], linestyle="--", label=f"{label} (no layers)")
+                    axis.axhline(row.metrics[name], linestyle="--", color=color, label=f"{label} (no layers)")
         axis.set_title(name)
         axis.set_xlabel("layer")
         axis.grid(alpha=0.3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from itertools import chain, repeat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -88,38 +89,40 @@ class GloveEncoder:
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         vectors = self.vectors
-        lookup, unknown = vectors.index.get, vectors.zero_row
-        counts = Counter()
-        token_ids = []
-        for sentence in sentences:
-            tokens = self.tokenize(sentence)
-            ids = [i for i in map(lookup, tokens) if i is not None]
-            counts["tokens"] += len(tokens)
-            counts["oov_tokens"] += len(tokens) - len(ids)
-            if not tokens:
-                counts["empty_sentences"] += 1
-            if not ids:
-                counts["sentences_without_known_tokens"] += 1
-                ids = [unknown]  # one zero vector: the sentence is kept, and counted
-            token_ids.append(ids)
-        lengths = np.fromiter(map(len, token_ids), dtype=np.int64, count=len(token_ids))
+        token_lists = [self.tokenize(s) for s in sentences]
+        token_counts = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        lookup = vectors.index.get
+        ids = np.fromiter(map(lookup, chain.from_iterable(token_lists), repeat(-1)), dtype=np.int64,
+                          count=int(token_counts.sum()))
+        known = ids >= 0
+        known_ids = ids[known]
+        known_counts = np.bincount(np.repeat(np.arange(len(sentences)), token_counts)[known], minlength=len(sentences))
+        known_starts = np.cumsum(known_counts) - known_counts
+        # A sentence without a known word keeps one token: the zero row that padding also uses.
+        lengths = np.maximum(known_counts, 1)
+        counts = Counter(tokens=int(token_counts.sum()), oov_tokens=int((~known).sum()),
+                         empty_sentences=int((token_counts == 0).sum()),
+                         sentences_without_known_tokens=int((known_counts == 0).sum()))
         order = np.argsort(lengths, kind="stable")
-        flat = np.fromiter((i for ids in token_ids for i in ids), dtype=np.int64, count=int(lengths.sum()))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         for batch in _batches(order, lengths, self.options.batch_tokens):
-            batch_lengths = lengths[batch]
-            width = int(batch_lengths.max())
-            mask = np.arange(width) < batch_lengths[:, None]
-            ids = np.full((len(batch), width), unknown, dtype=np.int64)
-            # Gather the batch's ids row by row in mask order (row-major = concatenation order).
-            ids[mask] = flat[np.concatenate([np.arange(s, s + n) for s, n in zip(starts[batch], batch_lengths)])]
+            width = int(lengths[batch].max())
+            positions = np.arange(width)
+            batch_known = known_counts[batch]
+            padded = np.full((len(batch), width), vectors.zero_row, dtype=np.int64)
+            padded[positions < batch_known[:, None]] = known_ids[_segments(known_starts[batch], batch_known)]
             yield TokenStates(
-                states=vectors.matrix[torch.from_numpy(ids)],
-                mask=torch.from_numpy(mask),
+                states=vectors.matrix[torch.from_numpy(padded)],
+                mask=torch.from_numpy(positions < lengths[batch][:, None]),
                 sentence_index=torch.from_numpy(batch),
                 counts=counts,
             )
             counts = Counter()  # the tallies go out once, with the first batch
+
+
+def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges [start, start + length), without a Python loop."""
+    total = int(lengths.sum())
+    return np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
 
 
 def _batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> Iterator[np.ndarray]:
