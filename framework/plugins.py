@@ -19,6 +19,7 @@ KINDS = ("encoder", "pooler", "dataset")
 BUILTIN_MODULES = (
     "plugins.glue",
     "plugins.glove",
+    "plugins.rwkv",
     "plugins.pooling",
     "plugins.metrics",
 )

@@ -1,0 +1,156 @@
+"""The ``rwkv`` encoder: RWKV-6 hidden states at any layer, packed batches, GPU when available."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from framework.data import Layer, TokenStates
+from framework.errors import LayerprobeError
+
+
+@dataclass
+class RWKVOptions:
+    model: str = "RWKV/v6-Finch-1B6-HF"  # hub id, HF folder, or BlinkDL .pth
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    batch_tokens: int | None = None  # tokens per packed forward; null = 65536 on CUDA, 4096 on CPU
+    progress: bool = True  # a progress bar for encodes that take more than a few seconds
+
+
+class RWKVEncoder:
+    def __init__(self, options: RWKVOptions):
+        self.options = options
+        if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
+            raise LayerprobeError(f"encoder.device={options.device}: use auto, cpu, cuda or cuda:N")
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LayerprobeError(f"encoder.device={options.device} but torch sees no CUDA device; use encoder.device=cpu")
+        self._model = None
+        self._tokenizer = None
+        self._checkpoint_source = ""
+
+    @property
+    def device(self) -> torch.device:
+        if self.options.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.options.device)
+
+    @property
+    def model(self):
+        if self._model is None:
+            from plugins.rwkv.checkpoint import build_model, load_checkpoint
+
+            checkpoint = load_checkpoint(self.options.model, self.options.revision)
+            self._checkpoint_source = checkpoint.source
+            self._fingerprint = _fingerprint(checkpoint)
+            self._model = to_device(build_model(checkpoint), self.device)
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from plugins.rwkv.tokenizer import WorldTokenizer
+
+            self._tokenizer = WorldTokenizer()
+        return self._tokenizer
+
+    def resolve_layer(self, layer: int | None) -> Layer:
+        """``layer=k`` is Hugging Face's ``hidden_states[k]``: block k's output; the last is after ln_out."""
+        count = self.model.num_hidden_states
+        blocks = count - 1
+        requested = layer
+        if layer is None:
+            layer = count - 1
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerprobeError(f"layer={layer!r} is not an integer; use 0..{blocks} (or negative from the end)")
+        index = layer + count if layer < 0 else layer
+        if not 0 <= index < count:
+            raise LayerprobeError(f"layer={layer} is out of range for this {blocks}-block RWKV-6: use 0..{blocks} "
+                                  f"(0..{blocks - 1} = block outputs, {blocks} = after ln_out) or -{count}..-1")
+        return Layer(requested=requested, index=index, block=min(index, blocks - 1))
+
+    def fingerprint(self) -> str:
+        self.model
+        return self._fingerprint
+
+    def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        model, device = self.model, self.device
+        ids = self.tokenizer.encode_batch(list(sentences))
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        vocab = model.config.vocab_size
+        too_big = max((max(t) for t in ids if t), default=-1)
+        if too_big >= vocab:
+            raise LayerprobeError(f"the world tokenizer gave token id {too_big} but the checkpoint's vocabulary has {vocab}; "
+                                  "use a checkpoint with the 65536-token RWKV world vocabulary")
+        empty = np.flatnonzero(lengths == 0)
+        counts = Counter(tokens=int(lengths.sum()), empty_sentences=len(empty))
+        if len(empty):  # nothing to run the model on: one zero state each, counted
+            yield TokenStates(torch.zeros(len(empty), 1, model.config.hidden_size, device=device),
+                              torch.ones(len(empty), 1, dtype=torch.bool, device=device), torch.from_numpy(empty), counts)
+            counts = Counter()
+        order = np.argsort(-lengths, kind="stable")
+        order = order[lengths[order] > 0]
+        budget = self.options.batch_tokens or (65536 if device.type == "cuda" else 4096)
+        progress = _progress(int(lengths.sum()), self.options.progress)
+        with torch.inference_mode():
+            for pack in _packs(order, lengths, budget):
+                states, mask = self._forward(pack, ids, lengths, layer.index, device)
+                yield TokenStates(states, mask, torch.from_numpy(pack), counts)
+                counts = Counter()
+                progress.update(int(lengths[pack].sum()))
+        progress.close()
+
+    def _forward(self, pack, ids, lengths, index, device):
+        pack_lengths = torch.from_numpy(lengths[pack])
+        tokens = torch.from_numpy(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack])).to(device, non_blocking=True)
+        cu_seqlens = torch.zeros(len(pack) + 1, dtype=torch.int64)
+        cu_seqlens[1:] = torch.cumsum(pack_lengths, 0)
+        hidden = self.model.hidden_state(tokens, cu_seqlens.to(device), index)
+        width = int(pack_lengths.max())
+        mask = (torch.arange(width)[None, :] < pack_lengths[:, None]).to(device)
+        states = hidden.new_zeros(len(pack), width, hidden.shape[1])
+        states[mask] = hidden
+        return states, mask
+
+
+def to_device(model, device: torch.device):
+    """CPU: float32. CUDA: bfloat16 matrices (embedding, projections, LoRA), float32 vectors/norms."""
+    model = model.to(device)
+    if device.type == "cuda":
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and "time_faaaa" not in name:
+                parameter.data = parameter.data.to(torch.bfloat16)
+    return model
+
+
+def _packs(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+    start = 0
+    while start < len(order):
+        end, total = start, 0
+        while end < len(order) and (end == start or total + lengths[order[end]] <= budget):
+            total += lengths[order[end]]
+            end += 1
+        yield order[start:end]
+        start = end
+
+
+def _progress(total_tokens: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    # delay: the bar only appears when an encode takes more than a few seconds
+    return tqdm(total=total_tokens, unit="tok", desc="rwkv encode", delay=3, disable=not enabled, leave=False)
+
+
+def _fingerprint(checkpoint) -> str:
+    """Config, tokenizer and a sample of every tensor: changes whenever the weights do, cheaply."""
+    digest = hashlib.sha256(repr((checkpoint.config, "rwkv_vocab_v20230424")).encode())
+    for key in sorted(checkpoint.state):
+        tensor = checkpoint.state[key]
+        digest.update(key.encode() + repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1)[:: max(1, tensor.numel() // 256)].float().numpy().tobytes())
+    return digest.hexdigest()[:16]

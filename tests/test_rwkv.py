@@ -1,0 +1,198 @@
+"""RWKV-6: parity with BlinkDL's official runtime, both checkpoint layouts, layers, batching, tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from framework.data import Layer
+from framework.errors import LayerprobeError
+from plugins.rwkv.checkpoint import build_model, load_checkpoint
+from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
+from plugins.rwkv.random_checkpoint import random_state, to_hf_layout, write_hf_folder
+
+os.environ.setdefault("RWKV_JIT_ON", "0")
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+LAYERS, HIDDEN, FFN = 4, 128, 448
+
+
+@pytest.fixture(scope="module")
+def tiny_pth(tmp_path_factory):
+    """4 layers, hidden 128, head 64, vocab 512: shapes as the official runtime expects."""
+    path = tmp_path_factory.mktemp("rwkv") / "tiny6.pth"
+    torch.save(random_state(LAYERS, HIDDEN, FFN, 512), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world_pth(tmp_path_factory):
+    """The same small shape with the full 65536-token world vocabulary, for the tokenizer path."""
+    path = tmp_path_factory.mktemp("rwkv") / "world6.pth"
+    torch.save(random_state(LAYERS, HIDDEN, FFN, 65536, seed=1), path)
+    return path
+
+
+TOKENS = torch.randint(0, 512, (24,), generator=torch.Generator().manual_seed(7))
+
+
+def ours(path, tokens=TOKENS):
+    return build_model(load_checkpoint(str(path)))
+
+
+def official(path):
+    from rwkv.model import RWKV
+
+    return RWKV(model=str(path).removesuffix(".pth"), strategy="cpu fp32")
+
+
+def relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_logits_match_the_official_runtime(tiny_pth):
+    reference, _ = official(tiny_pth).forward(TOKENS.tolist(), None, full_output=True)
+    logits = ours(tiny_pth).logits(TOKENS, torch.tensor([0, len(TOKENS)]))
+    assert relative(logits, reference) <= 1e-4
+
+
+@pytest.mark.parametrize("block", [0, 2])
+def test_each_layer_is_that_blocks_output(tiny_pth, tmp_path, block):
+    """The official runtime cut after ``block`` gives head(ln_out(x)); so must hidden_states[block]."""
+    state = {k: v for k, v in torch.load(tiny_pth).items()
+             if not k.startswith("blocks.") or int(k.split(".")[1]) <= block}
+    torch.save(state, tmp_path / "cut.pth")
+    reference, _ = official(tmp_path / "cut.pth").forward(TOKENS.tolist(), None, full_output=True)
+    model = ours(tiny_pth)
+    hidden = model.hidden_state(TOKENS, torch.tensor([0, len(TOKENS)]), block)
+    logits = model.head(torch.nn.functional.layer_norm(hidden, (HIDDEN,), model.ln_out.weight, model.ln_out.bias))
+    assert relative(logits, reference) <= 1e-4
+
+
+def test_hugging_face_layout_gives_identical_hidden_states(tiny_pth, tmp_path):
+    folder = write_hf_folder(torch.load(tiny_pth), tmp_path / "hf")
+    blinkdl, hf = ours(tiny_pth), build_model(load_checkpoint(str(folder)))
+    cu = torch.tensor([0, 10, len(TOKENS)])
+    for index in range(LAYERS + 1):
+        assert torch.equal(blinkdl.hidden_state(TOKENS, cu, index), hf.hidden_state(TOKENS, cu, index))
+    assert "rwkv.blocks.0.attention.time_maa_w1" in to_hf_layout(torch.load(tiny_pth))
+
+
+def encoder_for(path, **options):
+    return RWKVEncoder(RWKVOptions(model=str(path), device="cpu", progress=False, **options))
+
+
+def encode(encoder, sentences, layer):
+    result = [None] * len(sentences)
+    for batch in encoder.encode(sentences, layer):
+        for row, sentence in enumerate(batch.sentence_index.tolist()):
+            result[sentence] = batch.states[row][batch.mask[row]]
+    return result
+
+
+def test_batched_equals_one_at_a_time(world_pth):
+    sentences = ["The cat sat on the mat.", "Stocks fell sharply on Tuesday after the report.",
+                 "短い文", "Hi", "A much longer sentence, with commas, numbers like 2003 and emoji 🙂 too."]
+    encoder = encoder_for(world_pth)
+    layer = encoder.resolve_layer(2)
+    together = encode(encoder, sentences, layer)
+    alone = [encode(encoder, [s], layer)[0] for s in sentences]
+    tight = encode(encoder_for(world_pth, batch_tokens=16), sentences, layer)
+    for a, b, c in zip(together, alone, tight):
+        assert a.shape == b.shape and float((a - b).abs().max()) <= 1e-5 and float((a - c).abs().max()) <= 1e-5
+
+
+def test_layers_follow_hugging_face_hidden_states(tiny_pth):
+    encoder = encoder_for(tiny_pth)
+    assert encoder.resolve_layer(None) == Layer(None, 4, 3)  # last entry: after ln_out
+    assert encoder.resolve_layer(1) == Layer(1, 1, 1)
+    assert encoder.resolve_layer(-1) == Layer(-1, 4, 3)
+    assert encoder.resolve_layer(-5) == Layer(-5, 0, 0)
+    for bad in (5, -6):
+        with pytest.raises(LayerprobeError, match=r"out of range for this 4-block RWKV-6: use 0\.\.4"):
+            encoder.resolve_layer(bad)
+
+
+def test_layer_k_computes_only_up_to_block_k(tiny_pth, monkeypatch):
+    model = ours(tiny_pth)
+    ran = []
+    for i, block in enumerate(model.blocks):
+        monkeypatch.setattr(block, "forward", lambda x, packed, i=i, f=block.forward: ran.append(i) or f(x, packed))
+    model.hidden_state(TOKENS, torch.tensor([0, len(TOKENS)]), 1)
+    assert ran == [0, 1]
+
+
+def test_empty_sentences_get_a_zero_state_and_are_counted(world_pth):
+    encoder = encoder_for(world_pth)
+    batches = list(encoder.encode(["", "hello world", ""], encoder.resolve_layer(1)))
+    counts = sum((b.counts for b in batches), start=__import__("collections").Counter())
+    assert counts["empty_sentences"] == 2 and counts["tokens"] == 2
+    empty = next(b for b in batches if 0 in b.sentence_index.tolist())
+    assert torch.equal(empty.states, torch.zeros_like(empty.states)) and empty.mask.sum() == 2
+
+
+def test_token_ids_above_the_vocabulary_are_an_error(tiny_pth):
+    encoder = encoder_for(tiny_pth)
+    with pytest.raises(LayerprobeError, match="vocabulary has 512"):
+        list(encoder.encode(["hello world"], encoder.resolve_layer(1)))
+
+
+TOKENIZER_SENTENCES = [
+    "Hello, world!", "The quick brown fox jumps over the lazy dog.", "  leading and trailing  ",
+    "tabs\tand\nnewlines\r\n", "", " ", "中文句子，包含标点。", "日本語のテキスト", "한국어 문장",
+    "emoji 🙂👍🏽 and flags 🇫🇷", "mixed 中文 and English 123,456.78", "\u00a0non-breaking\u2009spaces",
+]
+
+
+def test_world_tokenizer_matches_the_official_one():
+    from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+    import rwkv
+
+    from plugins.rwkv.tokenizer import WorldTokenizer
+
+    reference = TRIE_TOKENIZER(os.path.join(os.path.dirname(rwkv.__file__), "rwkv_vocab_v20230424.txt"))
+    ours_ = WorldTokenizer()
+    for sentence in TOKENIZER_SENTENCES:
+        assert ours_.encode(sentence) == reference.encode(sentence), sentence
+    assert ours_.encode_batch(TOKENIZER_SENTENCES) == [reference.encode(s) for s in TOKENIZER_SENTENCES]
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, tiny_pth):
+    cases = []
+    with pytest.raises(LayerprobeError, match="no such file or folder") as e:
+        load_checkpoint(str(tmp_path / "missing.pth"))
+    cases.append(e)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LayerprobeError, match="no config.json") as e:
+        load_checkpoint(str(tmp_path / "empty"))
+    cases.append(e)
+    state = torch.load(tiny_pth)
+    del state["blocks.0.att.time_maa_x"], state["blocks.0.att.time_maa_w1"]
+    torch.save(state, tmp_path / "v5.pth")
+    with pytest.raises(LayerprobeError, match="missing 'blocks.0.att.time_maa_w2'|missing 2 weight|missing 'blocks") as e:
+        build_model(load_checkpoint(str(tmp_path / "v5.pth")))
+    cases.append(e)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(LayerprobeError, match="cannot read it as a checkpoint") as e:
+        load_checkpoint(str(tmp_path / "junk.pth"))
+    cases.append(e)
+    assert all("\n" not in str(c.value) for c in cases)
+
+
+def test_fingerprint_follows_the_weights(tmp_path, tiny_pth):
+    torch.save(random_state(LAYERS, HIDDEN, FFN, 512, seed=3), tmp_path / "other.pth")
+    assert encoder_for(tiny_pth).fingerprint() == encoder_for(tiny_pth).fingerprint()
+    assert encoder_for(tiny_pth).fingerprint() != encoder_for(tmp_path / "other.pth").fingerprint()
+
+
+def test_sweep_over_layers_and_poolers_logs_layer_and_block(run_cli, tiny_mrpc, world_pth):
+    result = run_cli("-m", "encoder=rwkv", f"encoder.model={world_pth}", "layer=1,3", "pooler=mean,last",
+                     "dataset=mrpc", f"dataset.data_dir={tiny_mrpc}", "dataset.limit=16")
+    assert result.returncode == 0, result.stderr
+    jobs = [r for r in result.runs() if "layer_index" in r.data.params]
+    assert len(jobs) == 4 and all(r.info.status == "FINISHED" for r in jobs)
+    assert sorted((r.data.params["layer_index"], r.data.params["block_index"], r.data.params["pooler.name"]) for r in jobs) == [
+        ("1", "1", "last"), ("1", "1", "mean"), ("3", "3", "last"), ("3", "3", "mean")]
+    assert all(r.data.metrics["encoder.tokens"] > 0 for r in jobs)
