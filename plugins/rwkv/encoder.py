@@ -79,8 +79,11 @@ class RWKVEncoder:
         return self._fingerprint
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        return self.encode_tokens(self.tokenizer.encode_batch(list(sentences)), layer)
+
+    def encode_tokens(self, ids: list[list[int]], layer: Layer) -> Iterator[TokenStates]:
+        """Token states of already-tokenised sentences (what ``encode`` does after tokenising)."""
         model, device = self.model, self.device
-        ids = self.tokenizer.encode_batch(list(sentences))
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         vocab = model.config.vocab_size
         too_big = max((max(t) for t in ids if t), default=-1)
@@ -143,7 +146,7 @@ def _progress(total_tokens: int, enabled: bool):
     from tqdm.auto import tqdm
 
     # delay: the bar only appears when an encode takes more than a few seconds
-    return tqdm(total=total_tokens, unit="tok", desc="rwkv encode", delay=3, disable=not enabled, leave=False)
+    return tqdm(total=total_tokens, unit="tok", desc="rwkv encode", delay=3, disable=None if enabled else True, leave=False)
 
 
 def _fingerprint(checkpoint) -> str:
