@@ -66,10 +66,10 @@ def step_weights(args) -> None:
     record(args, step="weights", parameters=params, path=str(args.path))
 
 
-def load_encoder(path, device):
+def load_encoder(path, device, **options):
     from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
 
-    encoder = RWKVEncoder(RWKVOptions(model=str(path), device=device, progress=False))
+    encoder = RWKVEncoder(RWKVOptions(model=str(path), device=device, progress=False, **options))
     encoder.model
     return encoder
 
@@ -102,7 +102,7 @@ def non_embedding_parameters(model) -> int:
 def step_ours(args) -> None:
     from plugins.pooling import MeanPooler
 
-    encoder = load_encoder(args.path, "cuda")
+    encoder = load_encoder(args.path, "cuda", compile=not args.no_compile, batch_tokens=args.batch_tokens)
     weights = torch.cuda.memory_allocated()
     pooler = MeanPooler()
 
@@ -117,7 +117,7 @@ def step_ours(args) -> None:
             layer = encoder.resolve_layer(layer_value)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(lambda: run(ids, layer), warmup=1, repeats=3)
-            record(args, step="ours", workload=name, layer=layer_value, blocks=layer.block + 1, sentences=n, tokens=tokens,
+            record(args, step="ours", compiled=not args.no_compile, batch_tokens=args.batch_tokens, workload=name, layer=layer_value, blocks=layer.block + 1, sentences=n, tokens=tokens,
                    seconds=seconds, tokens_per_second=tokens / seconds, seconds_per_pair=2 * seconds / n,
                    peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, weights_gib=weights / 2**30,
                    non_embedding_parameters=non_embedding_parameters(encoder.model))
@@ -205,7 +205,8 @@ def step_report(args) -> None:
             notes.append(f"{f['tokens_per_second'] / official['tokens_per_second']:.1f}× official")
         if fla:
             notes.append(f"{f['tokens_per_second'] / fla['tokens_per_second']:.2f}× fla")
-        print(f"| layerprobe, workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {'; '.join(notes)} |")
+        setup = f"{'compiled' if f.get('compiled', True) else 'eager'}, packs of {f.get('batch_tokens') or 'default'} tokens"
+        print(f"| layerprobe ({setup}), workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {'; '.join(notes)} |")
     if official:
         print(f"| official rwkv ({official['strategy']}, 1 sentence/call, {official['sentences']} sentences) | "
               f"{official['tokens_per_second']:,.0f} | {official['seconds_per_sentence'] * 1e3:.1f} ms/sentence |")
@@ -222,6 +223,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "rwkv_gpu.jsonl")
     parser.add_argument("--official-sentences", type=int, default=300)
     parser.add_argument("--fla-batch", type=int, default=256)
+    parser.add_argument("--batch-tokens", type=int, default=None, help="ours: tokens per packed forward")
+    parser.add_argument("--no-compile", action="store_true", help="ours: skip torch.compile (eager elementwise)")
     args = parser.parse_args()
     globals()[f"step_{args.step}"](args)
 

@@ -9,6 +9,7 @@ weights' dtype (float32 on CPU, bfloat16 on CUDA); the WKV state is float32.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,15 +48,58 @@ class RWKV6Config:
 class Packed:
     """Where each sentence starts in the packed token axis; token shift needs nothing else."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, total: int):
+    def __init__(self, cu_seqlens: torch.Tensor, total: int, compiled: bool = False):
         self.cu_seqlens = cu_seqlens
         self.is_start = torch.zeros(total, dtype=torch.bool, device=cu_seqlens.device)
         self.is_start[cu_seqlens[:-1]] = True
+        self.compiled = compiled
 
-    def shift(self, x: torch.Tensor) -> torch.Tensor:
-        """Each token sees the previous token of its own sentence; the first sees zeros."""
-        shifted = torch.cat([x.new_zeros(1, x.shape[1]), x[:-1]])
-        return shifted.masked_fill(self.is_start[:, None], 0)
+
+def _shift(xx: torch.Tensor, is_start: torch.Tensor) -> torch.Tensor:
+    """Each token sees the previous token of its own sentence; the first sees zeros."""
+    shifted = torch.cat([xx.new_zeros(1, xx.shape[1]), xx[:-1]])
+    return shifted.masked_fill(is_start[:, None], 0)
+
+
+def _time_mix_inputs(x, is_start, ln_w, ln_b, eps: float, maa_x, maa_wkvrg, mix_w1, mix_w2,
+                     receptance, key, value, gate, decay, decay_w1, decay_w2):
+    """LayerNorm, token shift, data-dependent mixing, the four projections and the decay."""
+    T, dtype = x.shape[0], receptance.dtype
+    xx = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
+    sx = _shift(xx, is_start) - xx
+    lora = torch.tanh((xx + sx * maa_x).to(dtype) @ mix_w1)
+    # A rank-32 correction of the mixing coefficients per target (w, k, v, r, g).
+    m = torch.bmm(lora.view(T, 5, -1).transpose(0, 1), mix_w2).float()
+    wx, kx, vx, rx, gx = (xx + sx * (maa_wkvrg[:, None, :] + m)).to(dtype).unbind(0)
+    r, k, v = rx @ receptance.t(), kx @ key.t(), vx @ value.t()
+    g = F.silu(gx @ gate.t())
+    # Data-dependent decay in log-log space: decay = exp(-exp(w)), kept in float32.
+    w = decay + (torch.tanh(wx @ decay_w1) @ decay_w2).float()
+    return r, k, v, w, g
+
+
+def _time_mix_output(x, y, g, heads: int, ln_x_w, ln_x_b, eps: float, output):
+    y = F.group_norm(y.reshape(y.shape[0], -1), heads, ln_x_w, ln_x_b, eps)
+    return x + ((y * g.float()).to(output.dtype) @ output.t()).float()
+
+
+def _channel_mix(x, is_start, ln_w, ln_b, eps: float, maa_k, maa_r, key, value, receptance):
+    dtype = key.dtype
+    xx = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
+    sx = _shift(xx, is_start) - xx
+    k = torch.relu((xx + sx * maa_k).to(dtype) @ key.t()) ** 2
+    r = torch.sigmoid((xx + sx * maa_r).to(dtype) @ receptance.t())
+    return x + (r * (k @ value.t())).float()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(function):
+    """torch.compile'd once per function with a dynamic token count, shared by every block."""
+    return torch.compile(function, dynamic=True)
+
+
+def _call(function, packed: Packed, *args):
+    return (_compiled(function) if packed.compiled else function)(*args)
 
 
 class TimeMix(nn.Module):
@@ -78,28 +122,16 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(A, C, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps)
 
-    def forward(self, xx: torch.Tensor, packed: Packed) -> torch.Tensor:
-        T, dtype = xx.shape[0], self.receptance.weight.dtype
-        H, N = self.config.num_heads, self.config.head_size
-        sx = packed.shift(xx) - xx
-        # Data-dependent token mixing: a rank-32 correction per target (w, k, v, r, g).
-        xxx = torch.tanh((xx + sx * self.time_maa_x[0]).to(dtype) @ self.time_maa_w1.to(dtype))
-        mw, mk, mv, mr, mg = torch.bmm(xxx.view(T, 5, -1).transpose(0, 1), self.time_maa_w2.to(dtype)).float().unbind(0)
-        wx = xx + sx * (self.time_maa_w[0] + mw)
-        kx = xx + sx * (self.time_maa_k[0] + mk)
-        vx = xx + sx * (self.time_maa_v[0] + mv)
-        rx = xx + sx * (self.time_maa_r[0] + mr)
-        gx = xx + sx * (self.time_maa_g[0] + mg)
-        r = self.receptance(rx.to(dtype))
-        k = self.key(kx.to(dtype))
-        v = self.value(vx.to(dtype))
-        g = F.silu(self.gate(gx.to(dtype)))
-        # Data-dependent decay in log-log space: decay = exp(-exp(w)), computed in float32.
-        w = self.time_decay[0].float() + (torch.tanh(wx.to(dtype) @ self.time_decay_w1.to(dtype)) @ self.time_decay_w2.to(dtype)).float()
-        y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), w.view(T, H, N),
-                 self.time_faaaa.float(), packed.cu_seqlens)
-        y = F.group_norm(y.view(T, H * N), H, self.ln_x.weight.float(), self.ln_x.bias.float(), self.ln_x.eps)
-        return self.output((y * g.float()).to(dtype)).float()
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
+        """``x + att(ln(x))``: the residual add is fused into the output projection's epilogue."""
+        T, H, N = x.shape[0], self.config.num_heads, self.config.head_size
+        maa_wkvrg = torch.cat([self.time_maa_w[0], self.time_maa_k[0], self.time_maa_v[0], self.time_maa_r[0], self.time_maa_g[0]])
+        r, k, v, w, g = _call(_time_mix_inputs, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
+                              self.time_maa_x[0, 0], maa_wkvrg, self.time_maa_w1, self.time_maa_w2,
+                              self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
+                              self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
+        y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), w.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
+        return _call(_time_mix_output, packed, x, y, g, H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, self.output.weight)
 
 
 class ChannelMix(nn.Module):
@@ -112,12 +144,10 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(F_, C, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
 
-    def forward(self, xx: torch.Tensor, packed: Packed) -> torch.Tensor:
-        dtype = self.key.weight.dtype
-        sx = packed.shift(xx) - xx
-        k = torch.relu(self.key((xx + sx * self.time_maa_k[0]).to(dtype))) ** 2
-        r = torch.sigmoid(self.receptance((xx + sx * self.time_maa_r[0]).to(dtype)))
-        return (r * self.value(k)).float()
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
+        """``x + ffn(ln(x))``: ReLU² key, sigmoid receptance."""
+        return _call(_channel_mix, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
+                     self.time_maa_k[0, 0], self.time_maa_r[0, 0], self.key.weight, self.value.weight, self.receptance.weight)
 
 
 class Block(nn.Module):
@@ -131,18 +161,18 @@ class Block(nn.Module):
         self.ffn = ChannelMix(config)
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
-        x = x + self.att(_layer_norm(self.ln1, x), packed)
-        return x + self.ffn(_layer_norm(self.ln2, x), packed)
+        return self.ffn(self.att(x, self.ln1, packed), self.ln2, packed)
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class RWKV6(nn.Module):
     def __init__(self, config: RWKV6Config):
         super().__init__()
         self.config = config
+        self.compile = False  # torch.compile the elementwise work between matmuls (CUDA)
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -155,7 +185,7 @@ class RWKV6(nn.Module):
 
     def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
-        packed = Packed(cu_seqlens, tokens.shape[0])
+        packed = Packed(cu_seqlens, tokens.shape[0], compiled=self.compile and tokens.is_cuda)
         x = _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
         for block in self.blocks[: min(index + 1, self.config.num_layers)]:
             x = block(x, packed)
