@@ -102,6 +102,7 @@ def non_embedding_parameters(model) -> int:
 def step_ours(args) -> None:
     from plugins.pooling import MeanPooler
 
+    launch = tune_wkv(args) if args.tune_wkv else None
     encoder = load_encoder(args.path, "cuda", compile=not args.no_compile, batch_tokens=args.batch_tokens)
     weights = torch.cuda.memory_allocated()
     pooler = MeanPooler()
@@ -117,10 +118,61 @@ def step_ours(args) -> None:
             layer = encoder.resolve_layer(layer_value)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(lambda: run(ids, layer), warmup=1, repeats=3)
-            record(args, step="ours", compiled=not args.no_compile, batch_tokens=args.batch_tokens, workload=name, layer=layer_value, blocks=layer.block + 1, sentences=n, tokens=tokens,
+            record(args, step="ours", compiled=not args.no_compile, batch_tokens=args.batch_tokens, wkv_launch=launch, workload=name, layer=layer_value, blocks=layer.block + 1, sentences=n, tokens=tokens,
                    seconds=seconds, tokens_per_second=tokens / seconds, seconds_per_pair=2 * seconds / n,
                    peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, weights_gib=weights / 2**30,
                    non_embedding_parameters=non_embedding_parameters(encoder.model))
+
+
+def tune_wkv(args) -> dict:
+    """Time the WKV kernel's launch choices on one 32k-token pack of workload-B sentences."""
+    import triton.testing
+
+    from plugins.rwkv import wkv_triton
+
+    ids = sentences(WORKLOADS["B"])[:1100]
+    lengths = torch.tensor([len(s) for s in ids])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).cuda()
+    T, H, N = int(lengths.sum()), SHAPE["hidden"] // 64, 64
+    r, k, v = (torch.randn(T, H, N, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    decay = torch.rand(T, H, N, device="cuda")
+    u = torch.randn(H, N, device="cuda")
+    timings = {}
+    for block_v in (64, 32, 16):
+        for warps in (1, 2, 4):
+            ms = triton.testing.do_bench(lambda: wkv_triton.wkv6_triton(r, k, v, decay, u, cu, block_v, warps))
+            timings[(block_v, warps)] = ms
+            record(args, step="wkv", tokens=T, block_v=block_v, num_warps=warps, ms=ms)
+    best = min(timings, key=timings.get)
+    wkv_triton.LAUNCH.update(block_v=best[0], num_warps=best[1])
+    return {"block_v": best[0], "num_warps": best[1]}
+
+
+def step_wkv(args) -> None:
+    print(tune_wkv(args))
+
+
+def step_profile(args) -> None:
+    """Where the time goes: CUDA kernels of 24-block forwards on workload B's first packs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encoder = load_encoder(args.path, "cuda", compile=not args.no_compile, batch_tokens=args.batch_tokens)
+    ids = sentences(WORKLOADS["B"])[:3000]
+    layer = encoder.resolve_layer(-1)
+    for _ in range(2):
+        for _batch in encoder.encode_tokens(ids, layer):
+            pass
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _batch in encoder.encode_tokens(ids, layer):
+            pass
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    gpu = sum(e.self_device_time_total for e in events) / 1e6
+    print(f"wall {wall:.3f} s, GPU busy {gpu:.3f} s, tokens {sum(map(len, ids))}")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=90))
 
 
 def step_matmul(args) -> None:
@@ -196,7 +248,8 @@ def step_report(args) -> None:
     fla = next(iter(by(step="fla")), None)
     print("| measurement | tokens/s | notes |\n| --- | --- | --- |")
     for f in by(step="ours"):
-        flops = 2 * f["non_embedding_parameters"] * f["tokens_per_second"] / 1e12
+        # FLOPs per token of the blocks that ran: 2 × their parameters (all blocks are the same size)
+        flops = 2 * f["non_embedding_parameters"] * f["blocks"] / SHAPE["layers"] * f["tokens_per_second"] / 1e12
         notes = [f"{f['seconds']:.2f} s, {f['seconds_per_pair'] * 1e3:.2f} ms/pair",
                  f"peak {f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})"]
         if matmul:
@@ -206,6 +259,8 @@ def step_report(args) -> None:
         if fla:
             notes.append(f"{f['tokens_per_second'] / fla['tokens_per_second']:.2f}× fla")
         setup = f"{'compiled' if f.get('compiled', True) else 'eager'}, packs of {f.get('batch_tokens') or 'default'} tokens"
+        if f.get("wkv_launch"):
+            setup += f", wkv {f['wkv_launch']}"
         print(f"| layerprobe ({setup}), workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {'; '.join(notes)} |")
     if official:
         print(f"| official rwkv ({official['strategy']}, 1 sentence/call, {official['sentences']} sentences) | "
@@ -218,13 +273,14 @@ def step_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["weights", "parity", "ours", "matmul", "official", "fla", "report"])
+    parser.add_argument("step", choices=["weights", "parity", "ours", "profile", "wkv", "matmul", "official", "fla", "report"])
     parser.add_argument("path", nargs="?", type=Path, default=Path("/tmp/rwkv1b6.pth"))
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "rwkv_gpu.jsonl")
     parser.add_argument("--official-sentences", type=int, default=300)
     parser.add_argument("--fla-batch", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=None, help="ours: tokens per packed forward")
     parser.add_argument("--no-compile", action="store_true", help="ours: skip torch.compile (eager elementwise)")
+    parser.add_argument("--tune-wkv", action="store_true", help="ours: time the WKV kernel's launch choices first, use the best")
     args = parser.parse_args()
     globals()[f"step_{args.step}"](args)
 

@@ -15,11 +15,12 @@ def test_triton_wkv_matches_the_reference_recurrence():
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     T, H, N = int(lengths.sum()), 4, 64
     r, k, v = (torch.randn(T, H, N, generator=g) for _ in range(3))
-    w = torch.rand(T, H, N, generator=g) * 4 - 5
+    decay = torch.exp(-torch.exp(torch.rand(T, H, N, generator=g) * 4 - 5))
     u = torch.randn(H, N, generator=g) * 0.3
-    expected = wkv6_reference(r, k, v, w, u, cu)
-    got = wkv6_triton(*(x.cuda() for x in (r, k, v, w, u, cu))).cpu()
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    expected = wkv6_reference(r, k, v, decay, u, cu)
+    for block_v, warps in ((64, 4), (32, 2), (16, 1)):
+        got = wkv6_triton(*(x.cuda() for x in (r, k, v, decay, u, cu)), block_v=block_v, num_warps=warps).cpu()
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (block_v, warps)
 
 
 def test_bf16_cuda_states_track_fp32_cpu(tmp_path):

@@ -73,9 +73,9 @@ def _time_mix_inputs(x, is_start, ln_w, ln_b, eps: float, maa_x, maa_wkvrg, mix_
     wx, kx, vx, rx, gx = (xx + sx * (maa_wkvrg[:, None, :] + m)).to(dtype).unbind(0)
     r, k, v = rx @ receptance.t(), kx @ key.t(), vx @ value.t()
     g = F.silu(gx @ gate.t())
-    # Data-dependent decay in log-log space: decay = exp(-exp(w)), kept in float32.
+    # Data-dependent decay, given in log-log space: d = exp(-exp(w)), in float32.
     w = decay + (torch.tanh(wx @ decay_w1) @ decay_w2).float()
-    return r, k, v, w, g
+    return r, k, v, torch.exp(-torch.exp(w)), g
 
 
 def _time_mix_output(x, y, g, heads: int, ln_x_w, ln_x_b, eps: float, output):
@@ -126,11 +126,11 @@ class TimeMix(nn.Module):
         """``x + att(ln(x))``: the residual add is fused into the output projection's epilogue."""
         T, H, N = x.shape[0], self.config.num_heads, self.config.head_size
         maa_wkvrg = torch.cat([self.time_maa_w[0], self.time_maa_k[0], self.time_maa_v[0], self.time_maa_r[0], self.time_maa_g[0]])
-        r, k, v, w, g = _call(_time_mix_inputs, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
+        r, k, v, d, g = _call(_time_mix_inputs, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
                               self.time_maa_x[0, 0], maa_wkvrg, self.time_maa_w1, self.time_maa_w2,
                               self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
                               self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
-        y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), w.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
+        y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), d.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
         return _call(_time_mix_output, packed, x, y, g, H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, self.output.weight)
 
 

@@ -1,7 +1,7 @@
 """The WKV recurrence of RWKV-6 on packed sequences: a float32 reference, and a Triton kernel.
 
 Per head, with state S (key dim × value dim), for each token t of a sentence:
-    out_t = r_t · (diag(u) k_t v_tᵀ + S)        S ← k_t v_tᵀ + diag(exp(-exp(w_t))) S
+    out_t = r_t · (diag(u) k_t v_tᵀ + S)        S ← k_t v_tᵀ + diag(d_t) S,   d_t = exp(-exp(w_t))
 S starts at zero for every sentence.
 """
 
@@ -10,19 +10,19 @@ from __future__ import annotations
 import torch
 
 
-def wkv6(r, k, v, w, u, cu_seqlens) -> torch.Tensor:
-    """WKV of packed tokens ``[T, H, N]`` (``w`` in log-log space, ``u`` = time_faaaa ``[H, N]``).
+def wkv6(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
+    """WKV of packed tokens ``[T, H, N]``; ``decay`` = exp(-exp(w)) in float32, ``u`` = time_faaaa ``[H, N]``.
 
     Returns float32 ``[T, H, N]``. CUDA tensors use the Triton kernel; anything else the reference.
     """
     if r.is_cuda:
         from plugins.rwkv.wkv_triton import wkv6_triton
 
-        return wkv6_triton(r, k, v, w, u, cu_seqlens)
-    return wkv6_reference(r, k, v, w, u, cu_seqlens)
+        return wkv6_triton(r, k, v, decay, u, cu_seqlens)
+    return wkv6_reference(r, k, v, decay, u, cu_seqlens)
 
 
-def wkv6_reference(r, k, v, w, u, cu_seqlens) -> torch.Tensor:
+def wkv6_reference(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
     """Step-by-step recurrence over right-padded sentences, in float32 (CPU, and tests)."""
     T, H, N = r.shape
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
@@ -35,8 +35,7 @@ def wkv6_reference(r, k, v, w, u, cu_seqlens) -> torch.Tensor:
         out[sentence, position] = x.float()
         return out
 
-    R, K, V = padded(r), padded(k), padded(v)
-    decay = torch.exp(-torch.exp(padded(w)))
+    R, K, V, decay = padded(r), padded(k), padded(v), padded(decay)
     u = u.float()[None, :, :, None]
     state = r.new_zeros(B, H, N, N, dtype=torch.float32)
     out = torch.empty(B, width, H, N, dtype=torch.float32, device=r.device)
