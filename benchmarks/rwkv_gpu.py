@@ -86,13 +86,13 @@ def mean_pooled(encoder, ids, layer):
 def step_parity(args) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     ids = sentences(24, seed=1)
-    cpu, gpu = load_encoder(args.path, "cpu"), load_encoder(args.path, "cuda")
+    cpu, gpu = load_encoder(args.path, "cpu"), load_encoder(args.path, "cuda", compile=not args.no_compile)
     for layer_value in (1, 11, -1):
         reference = mean_pooled(cpu, ids, cpu.resolve_layer(layer_value))
         fast = mean_pooled(gpu, ids, gpu.resolve_layer(layer_value))
         cosine = torch.nn.functional.cosine_similarity(reference.double(), fast.double(), dim=1)
-        record(args, step="parity", layer=layer_value, sentences=len(ids), min_cosine=float(cosine.min()),
-               mean_cosine=float(cosine.mean()))
+        record(args, step="parity", compiled=not args.no_compile, layer=layer_value, sentences=len(ids),
+               min_cosine=float(cosine.min()), mean_cosine=float(cosine.mean()))
 
 
 def non_embedding_parameters(model) -> int:
@@ -268,7 +268,7 @@ def step_report(args) -> None:
     if fla:
         print(f"| flash-linear-attention RWKV6Model ({fla['mode']}), workload B | {fla['tokens_per_second']:,.0f} | {fla['seconds']:.2f} s |")
     for f in by(step="parity"):
-        print(f"| parity bf16 CUDA vs fp32 CPU, layer {f['layer']} | | min pooled cosine {f['min_cosine']:.5f} over {f['sentences']} sentences |")
+        print(f"| parity bf16 CUDA ({'compiled' if f.get('compiled', True) else 'eager'}) vs fp32 CPU, layer {f['layer']} | | min pooled cosine {f['min_cosine']:.5f} over {f['sentences']} sentences |")
 
 
 def main() -> None:
