@@ -19,7 +19,7 @@ class RWKVOptions:
     model: str = "RWKV/v6-Finch-1B6-HF"  # hub id, HF folder, or BlinkDL .pth
     revision: str | None = None  # hub revision (branch, tag or commit)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    batch_tokens: int | None = None  # tokens per packed forward; null = 32768 on CUDA, 4096 on CPU
+    batch_tokens: int | None = None  # tokens per packed forward; null = 16384 on CUDA, 4096 on CPU
     compile: bool = True  # CUDA: torch.compile the elementwise work between matmuls (one-off compile)
     progress: bool = True  # a progress bar for encodes that take more than a few seconds
 
@@ -100,7 +100,7 @@ class RWKVEncoder:
             counts = Counter()
         order = np.argsort(-lengths, kind="stable")
         order = order[lengths[order] > 0]
-        budget = self.options.batch_tokens or (32768 if device.type == "cuda" else 4096)
+        budget = self.options.batch_tokens or (16384 if device.type == "cuda" else 4096)
         progress = _progress(int(lengths.sum()), self.options.progress)
         with torch.inference_mode():
             for pack in _packs(order, lengths, budget):
