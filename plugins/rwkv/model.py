@@ -61,11 +61,10 @@ def _shift(xx: torch.Tensor, is_start: torch.Tensor) -> torch.Tensor:
     return shifted.masked_fill(is_start[:, None], 0)
 
 
-def _time_mix_inputs(x, is_start, ln_w, ln_b, eps: float, maa_x, maa_wkvrg, mix_w1, mix_w2,
+def _time_mix_inputs(xx, is_start, maa_x, maa_wkvrg, mix_w1, mix_w2,
                      receptance, key, value, gate, decay, decay_w1, decay_w2):
-    """LayerNorm, token shift, data-dependent mixing, the four projections and the decay."""
-    T, dtype = x.shape[0], receptance.dtype
-    xx = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
+    """Token shift, data-dependent mixing, the four projections and the decay, from ln1(x)."""
+    T, dtype = xx.shape[0], receptance.dtype
     sx = _shift(xx, is_start) - xx
     lora = torch.tanh((xx + sx * maa_x).to(dtype) @ mix_w1)
     # A rank-32 correction of the mixing coefficients per target (w, k, v, r, g).
@@ -78,14 +77,14 @@ def _time_mix_inputs(x, is_start, ln_w, ln_b, eps: float, maa_x, maa_wkvrg, mix_
     return r, k, v, torch.exp(-torch.exp(w)), g
 
 
-def _time_mix_output(x, y, g, heads: int, ln_x_w, ln_x_b, eps: float, output):
-    y = F.group_norm(y.reshape(y.shape[0], -1), heads, ln_x_w, ln_x_b, eps)
+def _time_mix_output(x, y, g, output):
+    """``y`` is the group-normed WKV output: gate it, project, add to the residual stream."""
     return x + ((y * g.float()).to(output.dtype) @ output.t()).float()
 
 
-def _channel_mix(x, is_start, ln_w, ln_b, eps: float, maa_k, maa_r, key, value, receptance):
+def _channel_mix(x, xx, is_start, maa_k, maa_r, key, value, receptance):
+    """``x + ffn(xx)`` with ``xx = ln2(x)``."""
     dtype = key.dtype
-    xx = F.layer_norm(x, (x.shape[1],), ln_w, ln_b, eps)
     sx = _shift(xx, is_start) - xx
     k = torch.relu((xx + sx * maa_k).to(dtype) @ key.t()) ** 2
     r = torch.sigmoid((xx + sx * maa_r).to(dtype) @ receptance.t())
@@ -94,7 +93,11 @@ def _channel_mix(x, is_start, ln_w, ln_b, eps: float, maa_k, maa_r, key, value, 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(function):
-    """torch.compile'd once per function with a dynamic token count, shared by every block."""
+    """torch.compile'd once per function with a dynamic token count, shared by every block.
+
+    The norms stay outside (ATen's kernels): compiled one-pass norms drifted from float32 over 24
+    blocks (pooled cosine 0.9986 against the CPU model; 0.9995 with ATen's norms).
+    """
     return torch.compile(function, dynamic=True)
 
 
@@ -126,12 +129,14 @@ class TimeMix(nn.Module):
         """``x + att(ln(x))``: the residual add is fused into the output projection's epilogue."""
         T, H, N = x.shape[0], self.config.num_heads, self.config.head_size
         maa_wkvrg = torch.cat([self.time_maa_w[0], self.time_maa_k[0], self.time_maa_v[0], self.time_maa_r[0], self.time_maa_g[0]])
-        r, k, v, d, g = _call(_time_mix_inputs, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
-                              self.time_maa_x[0, 0], maa_wkvrg, self.time_maa_w1, self.time_maa_w2,
+        xx = _layer_norm(norm, x)
+        r, k, v, d, g = _call(_time_mix_inputs, packed, xx, packed.is_start, self.time_maa_x[0, 0], maa_wkvrg,
+                              self.time_maa_w1, self.time_maa_w2,
                               self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
                               self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
         y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), d.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
-        return _call(_time_mix_output, packed, x, y, g, H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps, self.output.weight)
+        y = F.group_norm(y.view(T, H * N), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
+        return _call(_time_mix_output, packed, x, y, g, self.output.weight)
 
 
 class ChannelMix(nn.Module):
@@ -146,8 +151,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
         """``x + ffn(ln(x))``: ReLU² key, sigmoid receptance."""
-        return _call(_channel_mix, packed, x, packed.is_start, norm.weight, norm.bias, norm.eps,
-                     self.time_maa_k[0, 0], self.time_maa_r[0, 0], self.key.weight, self.value.weight, self.receptance.weight)
+        return _call(_channel_mix, packed, x, _layer_norm(norm, x), packed.is_start, self.time_maa_k[0, 0],
+                     self.time_maa_r[0, 0], self.key.weight, self.value.weight, self.receptance.weight)
 
 
 class Block(nn.Module):
