@@ -86,6 +86,10 @@ def run_job(cfg: DictConfig) -> None:
     name = f"{cfg.encoder.name} {cfg.pooler.name} {cfg.dataset.name} layer={cfg.get('layer')}"
     try:
         with job_run(cfg, name):
+            if multirun:
+                import mlflow
+
+                mlflow.set_tag("layerprobe.job", str(HydraConfig.get().job.num))
             evaluation = evaluate(cfg, registry())
             log_evaluation(cfg, evaluation)
         print(result_line(cfg, evaluation), flush=True)

@@ -30,7 +30,7 @@ def register_poolers(register):
     """Add poolers: ``register(name, factory, schema)``.
 
     ``factory(options)`` returns an object with ``pool(TokenStates) -> Tensor[batch, dim]``
-    and, for poolers that learn, ``fit(PairTokenStates, held_out_fraction, seed) -> dict``, which the
+    and, for poolers that learn, ``fit(PairTokenStates, seed) -> dict`` (its training curve), which the
     harness calls with the train split only, before any evaluation split is encoded.
     """
 

@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "plugins.glove",
     "plugins.rwkv",
     "plugins.pooling",
+    "plugins.attention_pooling",
     "plugins.metrics",
 )
 

@@ -26,6 +26,8 @@ class RunRow:
     layer: str
     metrics: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    job: int | None = None
+    versus_reference: str = ""
 
     @property
     def config(self) -> str:
@@ -52,6 +54,7 @@ def run_rows(runs: list[Run]) -> list[RunRow]:
             params.get("encoder.name", "?"), params.get("pooler.name", "?"),
             params.get("dataset.name", "?"), params.get("dataset.split", "?"),
             _layer(params), dict(run.data.metrics), tags.get("error", ""),
+            int(tags["layerprobe.job"]) if tags.get("layerprobe.job", "").isdigit() else None,
         ))
     return sorted(rows, key=lambda r: (r.dataset, r.encoder, r.pooler, r.layer_number if r.layer_number is not None else -1))
 
@@ -70,7 +73,9 @@ def metric_names(rows: list[RunRow]) -> list[str]:
 def summary_table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-run summary: config, layer, metrics with CIs, cost."""
     names = metric_names(rows)
-    header = ["encoder", "pooler", "dataset", "layer", *names, "n", "ms_per_pair", "peak_memory_mb", "status"]
+    paired = any(row.versus_reference for row in rows)
+    header = ["encoder", "pooler", "dataset", "layer", *names, *(["Δspearman vs reference"] if paired else []),
+              "n", "ms_per_pair", "peak_memory_mb", "status"]
     body = []
     for row in rows:
         per_second = row.metrics.get("pairs_per_second")
@@ -78,6 +83,7 @@ def summary_table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
         body.append([
             row.encoder, row.pooler, f"{row.dataset}/{row.split}", row.layer,
             *(row.metric_text(n) for n in names),
+            *([row.versus_reference] if paired else []),
             str(int(row.metrics["n_pairs"])) if "n_pairs" in row.metrics else "",
             f"{1000 / per_second:.4f}" if per_second else "",
             f"{memory:.0f}" if memory is not None else "",
@@ -155,12 +161,65 @@ def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
                               max_results=10000)
 
 
+def pair_scores(client: MlflowClient, run_id: str) -> dict[str, tuple[float, float]]:
+    """A run's per-pair (label, score) by pair id, read back from its scores.csv artifact."""
+    import csv
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = client.download_artifacts(run_id, "scores.csv", folder)
+        with open(path, newline="", encoding="utf-8") as handle:
+            return {row["id"]: (float(row["label"]), float(row["score"])) for row in csv.DictReader(handle)}
+
+
+def compare_with_reference(client: MlflowClient, rows: list[RunRow], reference_job: int | None,
+                           resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
+    """Fill ``versus_reference``: Spearman(config) − Spearman(reference) with a paired bootstrap CI.
+
+    Both are resampled with the same pair indices, so the CI reflects the difference itself, not
+    the two scores' separate noise; ``*`` marks a CI that excludes 0. The reference is the job
+    numbered ``reference_job`` (default: the sweep's first job), per dataset/split.
+    """
+    import numpy as np
+    from scipy import stats
+
+    finished = [r for r in rows if r.status == "FINISHED"]
+    for dataset in {(r.dataset, r.split) for r in finished}:
+        group = sorted((r for r in finished if (r.dataset, r.split) == dataset), key=lambda r: (r.job is None, r.job))
+        reference = next((r for r in group if r.job == reference_job), group[0]) if reference_job is not None else group[0]
+        if reference_job is not None and reference.job != reference_job:
+            continue  # the chosen reference is not in this dataset's group
+        base = pair_scores(client, reference.run_id)
+        ids = sorted(base)
+        samples = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+        labels = np.array([base[i][0] for i in ids])
+        base_scores = np.array([base[i][1] for i in ids])
+        reference.versus_reference = f"reference (job {reference.job})" if reference.job is not None else "reference"
+        for row in group:
+            if row is reference:
+                continue
+            other = pair_scores(client, row.run_id)
+            if sorted(other) != ids:
+                row.versus_reference = "different pairs"
+                continue
+            scores = np.array([other[i][1] for i in ids])
+            point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
+            deltas = np.array([stats.spearmanr(scores[s], labels[s]).statistic - stats.spearmanr(base_scores[s], labels[s]).statistic
+                               for s in samples])
+            tail = (1 - confidence) / 2 * 100
+            low, high = np.nanpercentile(deltas, [tail, 100 - tail])
+            mark = " *" if low > 0 or high < 0 else ""
+            row.versus_reference = f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+
+
 def log_sweep_summary(client: MlflowClient, parent_id: str, options=None) -> int:
     """Summary table (CSV + Markdown) and metric-vs-layer plot of a sweep, logged to its parent.
 
     Returns how many of the sweep's jobs failed.
     """
     rows = run_rows(child_runs(client, parent_id))
+    options = options or {}
+    compare_with_reference(client, rows, options.get("reference"), int(options.get("resamples", 1000)),
+                           seed=int(options.get("seed", 0)))
     header, body = summary_table(rows)
     with tempfile.TemporaryDirectory() as folder:
         write_csv(header, body, Path(folder, "summary.csv"))

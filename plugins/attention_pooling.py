@@ -1,0 +1,119 @@
+"""Attention-weighted pooling with a learnable query (the paper's proposed fix for mean pooling).
+
+weights = softmax(h·q / τ) over a sentence's real tokens; pooled = Σ weights·h. With q = 0 the
+weights are uniform, so the untrained pooler *is* mean pooling, exactly; training can only move
+away from the paper's baseline where the train split says so.
+
+Objective: a pairwise logistic (RankNet) loss over (paraphrase, non-paraphrase) pairs of train
+pairs, on cosine similarity: log(1 + exp(-(cos⁺ - cos⁻)/s)). The evaluation metrics (Spearman
+against a binary label, ROC-AUC) only care about the order of cosine scores, and this loss is a
+smooth surrogate of exactly that order (it bounds 1 − AUC), where a cosine-regression loss would
+also spend capacity on pushing scores to arbitrary targets. The encoder stays frozen; a held-out
+slice of the train split picks the epoch (early stopping on its Spearman); the evaluated split is
+never seen while fitting.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+from framework.data import PairTokenStates, TokenStates
+from framework.errors import LayerprobeError
+from framework.hookspecs import hookimpl
+
+
+@dataclass
+class AttentionOptions:
+    train_split: str = "train"  # the split fit sees; never the evaluated one
+    train_limit: int | None = None  # first N train pairs (the paper: 1000)
+    held_out_fraction: float = 0.1  # of the train pairs, for early stopping
+    epochs: int = 100
+    patience: int = 10  # epochs without held-out improvement before stopping
+    learning_rate: float = 0.01
+    comparisons_per_step: int = 4096  # random (paraphrase, non-paraphrase) pairs per step
+    scale: float = 0.05  # s in the logistic loss: cosine differences are small
+
+
+class AttentionPooler(torch.nn.Module):
+    def __init__(self, options: AttentionOptions):
+        super().__init__()
+        if not 0 < options.held_out_fraction < 1:
+            raise LayerprobeError(f"pooler.held_out_fraction={options.held_out_fraction} must lie between 0 and 1")
+        self.options = options
+        self.query: torch.nn.Parameter | None = None  # sized on first use: the encoder's width
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+
+    def _ensure_query(self, width: int, device) -> None:
+        if self.query is None:
+            self.query = torch.nn.Parameter(torch.zeros(width, device=device))
+
+    def weights(self, batch: TokenStates) -> torch.Tensor:
+        self._ensure_query(batch.states.shape[-1], batch.states.device)
+        logits = batch.states.float() @ self.query.to(batch.states.device) / self.log_temperature.exp()
+        return torch.softmax(logits.masked_fill(~batch.mask, float("-inf")), dim=1)
+
+    def pool(self, batch: TokenStates) -> torch.Tensor:
+        with torch.no_grad():
+            return self._pool(batch)
+
+    def _pool(self, batch: TokenStates) -> torch.Tensor:
+        return (self.weights(batch).unsqueeze(-1) * batch.states.float()).sum(dim=1)
+
+    def fit(self, train: PairTokenStates, seed: int) -> dict[str, list[float]]:
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        first = train.batches[0]
+        self._ensure_query(first.states.shape[-1], first.states.device)
+        order = torch.randperm(len(train.labels), generator=generator).numpy()
+        held = order[: max(2, int(round(len(order) * self.options.held_out_fraction)))]
+        fit = order[len(held):]
+        labels = torch.as_tensor(train.labels, dtype=torch.float32)
+        positive, negative = fit[train.labels[fit] > 0.5], fit[train.labels[fit] <= 0.5]
+        if len(positive) == 0 or len(negative) == 0:
+            raise LayerprobeError("the train split needs both paraphrases and non-paraphrases to fit pooler=attn")
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.options.learning_rate)
+        curve = {"loss": [], "heldout_spearman": []}
+        best, best_state, stale = -np.inf, copy.deepcopy(self.state_dict()), 0
+        for _ in range(self.options.epochs):
+            cosine = self._pair_cosines(train)
+            i = positive[torch.randint(len(positive), (self.options.comparisons_per_step,), generator=generator).numpy()]
+            j = negative[torch.randint(len(negative), (self.options.comparisons_per_step,), generator=generator).numpy()]
+            loss = torch.nn.functional.softplus(-(cosine[i] - cosine[j]) / self.options.scale).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                held_cosine = self._pair_cosines(train)[held].numpy()
+            rho = float(stats.spearmanr(held_cosine, labels[held].numpy()).statistic)
+            curve["loss"].append(float(loss.detach()))
+            curve["heldout_spearman"].append(rho)
+            if rho > best:
+                best, best_state, stale = rho, copy.deepcopy(self.state_dict()), 0
+            else:
+                stale += 1
+                if stale >= self.options.patience:
+                    break
+        self.load_state_dict(best_state)
+        return curve
+
+    def _pair_cosines(self, train: PairTokenStates) -> torch.Tensor:
+        n = sum(len(b.sentence_index) for b in train.batches)
+        vectors = torch.zeros(n, train.batches[0].states.shape[-1])
+        for batch in train.batches:
+            vectors = vectors.index_put((batch.sentence_index,), self._pool(batch).cpu())
+        a, b = vectors[torch.as_tensor(train.a_index)], vectors[torch.as_tensor(train.b_index)]
+        return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+    def learned(self) -> dict[str, torch.Tensor]:
+        """What the harness saves as the run's artifact."""
+        return {"attention_pooler": {"query": self.query.detach().cpu(), "temperature": self.log_temperature.exp().detach()}}
+
+
+@hookimpl
+def register_poolers(register):
+    register("attn", AttentionPooler, AttentionOptions)
