@@ -5,6 +5,7 @@ Tracking is not done here: ``evaluate`` returns an ``Evaluation`` that ``framewo
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,8 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from framework.cache import CachedEncoder, TokenStateCache
 from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
@@ -56,7 +58,9 @@ class Evaluation:
 def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work."""
     dataset = registry.build("dataset", cfg.dataset)
-    encoder = registry.build("encoder", cfg.encoder)
+    encoder = shared_encoder(registry, cfg.encoder)
+    if cfg.get("cache") and cfg.cache.get("enabled", True):
+        encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
     pooler = registry.build("pooler", cfg.pooler)
     metric_set = MetricSet.from_config(cfg.metric, registry)
     layer = encoder.resolve_layer(cfg.get("layer"))
@@ -94,6 +98,8 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     total_seconds = time.perf_counter() - started
     metrics = metric_set.compute(scores, calibration, int(cfg.seed))
 
+    if isinstance(encoder, CachedEncoder):
+        embedding.encoder_counts.update(encoder.stats)
     tokens = embedding.encoder_counts.get("tokens", 0)
     timings = {
         "encode_seconds": embedding.encode_seconds,
@@ -103,6 +109,22 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     }
     return Evaluation(layer, scores, metrics, embedding.encoder_counts, timings,
                       calibration.pairs if calibration else None, training_curve, learned, notes)
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder_by_config(registry: Registry, config_yaml: str):
+    return registry.build("encoder", OmegaConf.create(config_yaml))
+
+
+def shared_encoder(registry: Registry, config: DictConfig):
+    """One encoder object per encoder config in this process: the jobs of a sweep share its weights."""
+    return _encoder_by_config(registry, OmegaConf.to_yaml(config, resolve=True))
+
+
+@functools.lru_cache(maxsize=4)
+def token_state_cache(folder: str | None, max_gb: float) -> TokenStateCache:
+    """The process's token-state cache for ``folder`` (memory + disk)."""
+    return TokenStateCache(folder, max_gb)
 
 
 def _load_other_split(dataset, split: str, limit: int | None, option: str) -> PairSet:

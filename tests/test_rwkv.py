@@ -196,3 +196,35 @@ def test_sweep_over_layers_and_poolers_logs_layer_and_block(run_cli, tiny_mrpc, 
     assert sorted((r.data.params["layer_index"], r.data.params["block_index"], r.data.params["pooler.name"]) for r in jobs) == [
         ("1", "1", "last"), ("1", "1", "mean"), ("3", "3", "last"), ("3", "3", "mean")]
     assert all(r.data.metrics["encoder.tokens"] > 0 for r in jobs)
+
+
+def test_deeper_layer_resumes_from_a_cached_shallower_one(world_pth, tmp_path):
+    from framework.cache import CachedEncoder, TokenStateCache
+
+    sentences = ["The cat sat on the mat.", "", "Stocks fell sharply on Tuesday after the report."]
+    inner = encoder_for(world_pth)
+    cached = CachedEncoder(inner, TokenStateCache(str(tmp_path / "cache"), 1.0))
+    list(cached.encode(sentences, inner.resolve_layer(1)))
+    resumed = encode(cached, sentences, inner.resolve_layer(3))
+    assert cached.stats == {"cache_misses": 2, "cache_resumed": 1, "cache_resumed_from_layer": 1}
+    direct = encode(inner, sentences, inner.resolve_layer(3))
+    assert all(float((a - b).abs().max()) <= 1e-5 for a, b in zip(resumed, direct))
+    # A new process (fresh memory) finds layer 3 on disk.
+    again = CachedEncoder(encoder_for(world_pth), TokenStateCache(str(tmp_path / "cache"), 1.0))
+    from_disk = encode(again, sentences, inner.resolve_layer(3))
+    assert again.stats == {"cache_hits": 1}
+    assert all(torch.equal(a, b) for a, b in zip(from_disk, resumed))
+
+
+def test_sweep_encodes_each_split_once_and_a_second_sweep_hits_the_cache(run_cli, tiny_mrpc, world_pth):
+    args = ("-m", "encoder=rwkv", f"encoder.model={world_pth}", "layer=1,3", "pooler=mean,last",
+            f"dataset.data_dir={tiny_mrpc}", "metric=spearman")
+    assert run_cli(*args).returncode == 0
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    runs = [r for r in result.runs() if "layer_index" in r.data.params]
+    second = sorted(runs, key=lambda r: r.info.start_time)[-4:]
+    assert all(r.data.metrics.get("encoder.cache_hits") == 1 and "encoder.cache_misses" not in r.data.metrics for r in second)
+    earlier = sorted(runs, key=lambda r: r.info.start_time)[:4]
+    misses = sum(r.data.metrics.get("encoder.cache_misses", 0) for r in earlier)
+    assert misses == 2  # layer 1 once, layer 3 once (resumed from layer 1); the other pooler hits

@@ -110,6 +110,24 @@ class RWKVEncoder:
                 progress.update(int(lengths[pack].sum()))
         progress.close()
 
+    def can_resume_from(self, layer: Layer) -> bool:
+        """Block outputs are the residual stream, so later blocks can continue from them."""
+        return layer.index < self.model.config.num_layers
+
+    def resume(self, batch: TokenStates, sentences: Sequence[str], start: Layer, layer: Layer) -> TokenStates:
+        """States at ``layer`` from cached states at the shallower block output ``start``."""
+        if all(sentences[i] == "" for i in batch.sentence_index.tolist()):
+            return batch  # empty sentences: zero states at every layer
+        device, mask = self.device, batch.mask.to(self.device)
+        lengths = batch.mask.sum(dim=1)
+        cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        with torch.inference_mode():
+            hidden = self.model.continue_from(batch.states.to(device)[mask].float(), cu_seqlens.to(device), start.index, layer.index)
+        states = hidden.new_zeros(*batch.mask.shape, hidden.shape[1])
+        states[mask] = hidden
+        return TokenStates(states, mask, batch.sentence_index, batch.counts)
+
     def _forward(self, pack, ids, lengths, index, device):
         pack_lengths = torch.from_numpy(lengths[pack])
         tokens = torch.from_numpy(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack])).to(device, non_blocking=True)

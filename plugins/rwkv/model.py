@@ -191,9 +191,13 @@ class RWKV6(nn.Module):
 
     def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
-        packed = Packed(cu_seqlens, tokens.shape[0], compiled=self.compile and tokens.is_cuda)
         x = _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
-        for block in self.blocks[: min(index + 1, self.config.num_layers)]:
+        return self.continue_from(x, cu_seqlens, -1, index)
+
+    def continue_from(self, x: torch.Tensor, cu_seqlens: torch.Tensor, after: int, index: int) -> torch.Tensor:
+        """``hidden_states[index]`` from ``x`` = ``hidden_states[after]`` (-1: the embeddings after ln0)."""
+        packed = Packed(cu_seqlens, x.shape[0], compiled=self.compile and x.is_cuda)
+        for block in self.blocks[after + 1: min(index + 1, self.config.num_layers)]:
             x = block(x, packed)
         if index == self.config.num_layers:
             x = _layer_norm(self.ln_out, x)

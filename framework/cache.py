@@ -1,0 +1,145 @@
+"""Token states shared across the jobs of a sweep and across sweeps.
+
+Keyed by the encoder's fingerprint (weights, config, tokenizer), the layer index and the exact
+sentences encoded (so the dataset's rows and split are in the key). Held in memory for the jobs of
+one process (Hydra's basic launcher) and on disk (``cache.dir``) for other processes and later
+sweeps, with a size bound that evicts the least recently used files. An encoder that can continue
+from a shallower layer's states (``resume``) starts from the deepest cached one below the layer
+asked for, instead of from the embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from framework.data import Layer, TokenStates
+
+MEMORY_BYTES = 4 * 2**30
+
+
+class TokenStateCache:
+    def __init__(self, folder: str | None, max_gb: float):
+        self.folder = Path(folder).expanduser() if folder else None
+        self.max_bytes = int(max_gb * 2**30)
+        self.memory: OrderedDict[str, list[TokenStates]] = OrderedDict()
+
+    @staticmethod
+    def key(fingerprint: str, layer_index: int | None, sentences: Sequence[str]) -> str:
+        digest = hashlib.sha256(f"{fingerprint}|{layer_index}|{len(sentences)}".encode())
+        for sentence in sentences:
+            digest.update(sentence.encode("utf-8", "surrogatepass") + b"\0")
+        return digest.hexdigest()[:32]
+
+    def _path(self, key: str) -> Path | None:
+        return self.folder / f"{key}.pt" if self.folder else None
+
+    def has(self, key: str) -> bool:
+        path = self._path(key)
+        return key in self.memory or bool(path and path.is_file())
+
+    def get(self, key: str) -> list[TokenStates] | None:
+        if key in self.memory:
+            self.memory.move_to_end(key)
+            return self.memory[key]
+        path = self._path(key)
+        if not (path and path.is_file()):
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged or foreign file is a miss, not a failure
+            path.unlink(missing_ok=True)
+            return None
+        os.utime(path)  # recently used: evicted last
+        batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored]
+        self._remember(key, batches)
+        return batches
+
+    def put(self, key: str, batches: list[TokenStates]) -> None:
+        self._remember(key, batches)
+        path = self._path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches]
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        torch.save(payload, temporary)
+        os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
+        self._evict()
+
+    def _remember(self, key: str, batches: list[TokenStates]) -> None:
+        self.memory[key] = batches
+        self.memory.move_to_end(key)
+        while sum(_size(b) for v in self.memory.values() for b in v) > min(MEMORY_BYTES, self.max_bytes) and len(self.memory) > 1:
+            self.memory.popitem(last=False)
+
+    def _evict(self) -> None:
+        files = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files[:-1]:
+            if total <= self.max_bytes:
+                break
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+
+
+def _size(batch: TokenStates) -> int:
+    return batch.states.numel() * batch.states.element_size()
+
+
+class CachedEncoder:
+    """Wraps an encoder; ``encode`` serves cached token states when it can.
+
+    ``stats`` counts, per call, whether the layer was a hit, a miss, or resumed from a shallower
+    cached layer (and which), for the run to log.
+    """
+
+    def __init__(self, encoder, cache: TokenStateCache):
+        self.encoder = encoder
+        self.cache = cache
+        self.stats: Counter = Counter()
+
+    def __getattr__(self, name):
+        return getattr(self.encoder, name)
+
+    def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        fingerprint = self.encoder.fingerprint()
+        key = self.cache.key(fingerprint, layer.index, sentences)
+        batches = self.cache.get(key)
+        if batches is not None:
+            self.stats["cache_hits"] += 1
+            yield from batches
+            return
+        self.stats["cache_misses"] += 1
+        source = self._resumable_source(fingerprint, layer, sentences)
+        if source is not None:
+            start, cached = source
+            self.stats["cache_resumed"] += 1
+            self.stats["cache_resumed_from_layer"] = start.index
+            produced = (self.encoder.resume(batch, sentences, start, layer) for batch in cached)
+        else:
+            produced = self.encoder.encode(sentences, layer)
+        kept = []
+        for batch in produced:
+            kept.append(TokenStates(batch.states.float().cpu(), batch.mask.cpu(), batch.sentence_index.cpu(), batch.counts))
+            yield batch
+        self.cache.put(key, kept)
+
+    def _resumable_source(self, fingerprint: str, layer: Layer, sentences):
+        if not hasattr(self.encoder, "resume") or layer.index is None:
+            return None
+        for index in range(layer.index - 1, -1, -1):
+            start = self.encoder.resolve_layer(index)
+            if not self.encoder.can_resume_from(start):
+                continue
+            cached = self.cache.get(self.cache.key(fingerprint, index, sentences))
+            if cached is not None:
+                return start, cached
+        return None
