@@ -228,3 +228,21 @@ def test_sweep_encodes_each_split_once_and_a_second_sweep_hits_the_cache(run_cli
     earlier = sorted(runs, key=lambda r: r.info.start_time)[:4]
     misses = sum(r.data.metrics.get("encoder.cache_misses", 0) for r in earlier)
     assert misses == 2  # layer 1 once, layer 3 once (resumed from layer 1); the other pooler hits
+
+
+def test_attention_pooler_trains_on_rwkv_states(world_pth):
+    """Token states must be ordinary tensors (not inference-mode ones) so a pooler can learn on them."""
+    import numpy as np
+
+    from framework.data import PairSet
+    from framework.run import token_states_of
+    from plugins.attention_pooling import AttentionOptions, AttentionPooler
+
+    sentences_a = ["the cat sat", "stocks fell", "a dog barked", "markets rose today", "it rained", "we left early"]
+    sentences_b = ["a cat sat", "the dog slept", "a dog barked loudly", "rain fell", "it poured", "markets fell"]
+    labels = np.array([1, 0, 1, 0, 1, 0], dtype=float)
+    pairs = PairSet("toy", "train", [str(i) for i in range(6)], sentences_a, sentences_b, labels, 6)
+    encoder = encoder_for(world_pth)
+    curve = AttentionPooler(AttentionOptions(epochs=3, held_out_fraction=0.34)).fit(
+        token_states_of(pairs, encoder, encoder.resolve_layer(2)), seed=0)
+    assert len(curve["loss"]) >= 1

@@ -102,7 +102,7 @@ class RWKVEncoder:
         order = order[lengths[order] > 0]
         budget = self.options.batch_tokens or (16384 if device.type == "cuda" else 4096)
         progress = _progress(int(lengths.sum()), self.options.progress)
-        with torch.inference_mode():
+        with torch.no_grad():
             for pack in _packs(order, lengths, budget):
                 states, mask = self._forward(pack, ids, lengths, layer.index, device)
                 yield TokenStates(states, mask, torch.from_numpy(pack), counts)
@@ -122,7 +122,7 @@ class RWKVEncoder:
         lengths = batch.mask.sum(dim=1)
         cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int64)
         cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        with torch.inference_mode():
+        with torch.no_grad():
             hidden = self.model.continue_from(batch.states.to(device)[mask].float(), cu_seqlens.to(device), start.index, layer.index)
         states = hidden.new_zeros(*batch.mask.shape, hidden.shape[1])
         states[mask] = hidden
