@@ -20,6 +20,7 @@ BUILTIN_MODULES = (
     "plugins.glue",
     "plugins.glove",
     "plugins.rwkv",
+    "plugins.hf",
     "plugins.pooling",
     "plugins.attention_pooling",
     "plugins.metrics",

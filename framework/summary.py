@@ -51,12 +51,21 @@ def run_rows(runs: list[Run]) -> list[RunRow]:
         params, tags = run.data.params, run.data.tags
         rows.append(RunRow(
             run.info.run_id, run.info.status,
-            params.get("encoder.name", "?"), params.get("pooler.name", "?"),
+            _encoder_label(params), params.get("pooler.name", "?"),
             params.get("dataset.name", "?"), params.get("dataset.split", "?"),
             _layer(params), dict(run.data.metrics), tags.get("error", ""),
             int(tags["layerprobe.job"]) if tags.get("layerprobe.job", "").isdigit() else None,
         ))
     return sorted(rows, key=lambda r: (r.dataset, r.encoder, r.pooler, r.layer_number if r.layer_number is not None else -1))
+
+
+def _encoder_label(params: dict[str, str]) -> str:
+    """The encoder's name; for model-agnostic encoders (hf, rwkv) also which model."""
+    name = params.get("encoder.name", "?")
+    model = params.get("encoder.model")
+    if name in ("hf", "rwkv") and model:
+        return f"{name}:{model.removeprefix('package:').rstrip('/').rsplit('/', 1)[-1]}"
+    return name
 
 
 def _layer(params: dict[str, str]) -> str:

@@ -25,15 +25,17 @@ def test_every_option_composes_and_builds(group, option):
         assert MetricSet.from_config(cfg.metric, registry()).metrics
     else:
         built = registry().build(group, cfg[group])
-        assert built is not None and cfg[group].name == option
+        assert built is not None and cfg[group].name in registry().names(group)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_builtin_yaml_lists_exactly_its_schema_defaults(kind):
     plugins = registry()
     for path in sorted((CONF_DIR / kind).glob("*.yaml")):
-        component = plugins.component(kind, path.stem)
         yaml = OmegaConf.to_container(OmegaConf.load(path))
+        if "defaults" in yaml:  # a preset of another option (encoder=minilm is hf with a model): checked by composing
+            continue
+        component = plugins.component(kind, path.stem)
         defaults = {f.name: getattr(component.schema(), f.name) for f in dataclasses.fields(component.schema)}
         if "data_root" in yaml:
             assert yaml.pop("data_root") == "${data_root}"
