@@ -89,7 +89,10 @@ class GloveEncoder:
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         vectors = self.vectors
-        token_lists = [self.tokenize(s) for s in sentences]
+        if self.options.lowercase and self.options.tokenizer == "whitespace":  # the paper's, inlined: hot path
+            token_lists = [s.lower().split() for s in sentences]
+        else:
+            token_lists = [self.tokenize(s) for s in sentences]
         token_counts = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
         lookup = vectors.index.get
         ids = np.fromiter(map(lookup, chain.from_iterable(token_lists), repeat(-1)), dtype=np.int64,
@@ -127,6 +130,9 @@ def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 def _batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> Iterator[np.ndarray]:
     """Cut length-sorted sentences into batches whose padded size stays under batch_tokens."""
+    if len(order) * int(lengths.max(initial=0)) <= batch_tokens:
+        yield order  # everything fits in one batch
+        return
     start = 0
     while start < len(order):
         end = start + 1
