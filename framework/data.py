@@ -105,6 +105,23 @@ class Layer:
         return "-" if self.index is None else str(self.index)
 
 
+def hidden_state_index(layer, count: int, model: str, meaning: str) -> int:
+    """Check a requested ``hidden_states`` position (negative from the end, None = last) → 0..count-1.
+
+    Raises the one-line error that gives the valid range; ``meaning`` explains the range's ends.
+    """
+    from framework.errors import LayerprobeError
+
+    if layer is None:
+        return count - 1
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise LayerprobeError(f"layer={layer!r} is not an integer; use 0..{count - 1} (or negative from the end)")
+    index = layer + count if layer < 0 else layer
+    if not 0 <= index < count:
+        raise LayerprobeError(f"layer={layer} is out of range for this {model}: use 0..{count - 1} ({meaning}) or -{count}..-1")
+    return index
+
+
 @dataclass
 class PairTokenStates:
     """Token states of a split's pairs, for poolers that learn (``fit``).

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from framework.data import Layer, TokenStates
+from framework.data import Layer, TokenStates, hidden_state_index
 from framework.errors import LayerprobeError
 from framework.hookspecs import hookimpl
 
@@ -74,18 +74,9 @@ class HFEncoder:
         return self._loaded
 
     def resolve_layer(self, layer: int | None) -> Layer:
-        _, model, layers, _ = self._load()
-        count = len(layers) + 1
-        requested = layer
-        if layer is None:
-            layer = count - 1
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise LayerprobeError(f"layer={layer!r} is not an integer; use 0..{count - 1} (or negative from the end)")
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise LayerprobeError(f"layer={layer} is out of range for this {count - 1}-layer model: use 0..{count - 1} "
-                                  f"(0 = embeddings) or -{count}..-1")
-        return Layer(requested=requested, index=index, block=index - 1 if index > 0 else None)
+        _, _, layers, _ = self._load()
+        index = hidden_state_index(layer, len(layers) + 1, f"{len(layers)}-layer model", "0 = embeddings")
+        return Layer(requested=layer, index=index, block=index - 1 if index > 0 else None)
 
     def fingerprint(self) -> str:
         tokenizer, model, _, source = self._load()

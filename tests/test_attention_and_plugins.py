@@ -91,9 +91,12 @@ def test_sweep_with_attn_logs_curve_weights_and_paired_comparisons(run_cli, tiny
 
 
 def test_pip_installed_example_plugin_joins_a_sweep(run_cli, tmp_path, tiny_mrpc, tiny_vectors):
-    site = tmp_path / "site"
+    import shutil
+
+    site, source = tmp_path / "site", tmp_path / "layerprobe-maxpool"
+    shutil.copytree(REPO / "examples" / "layerprobe-maxpool", source)  # pip builds in place: keep the repo clean
     done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                           "--target", str(site), str(REPO / "examples" / "layerprobe-maxpool")],
+                           "--target", str(site), str(source)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert list(site.glob("layerprobe_maxpool-*.dist-info/entry_points.txt"))

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from framework.data import Layer, TokenStates
+from framework.data import Layer, TokenStates, hidden_state_index
 from framework.errors import LayerprobeError
 
 
@@ -63,18 +63,10 @@ class RWKVEncoder:
 
     def resolve_layer(self, layer: int | None) -> Layer:
         """``layer=k`` is Hugging Face's ``hidden_states[k]``: block k's output; the last is after ln_out."""
-        count = self.model.num_hidden_states
-        blocks = count - 1
-        requested = layer
-        if layer is None:
-            layer = count - 1
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise LayerprobeError(f"layer={layer!r} is not an integer; use 0..{blocks} (or negative from the end)")
-        index = layer + count if layer < 0 else layer
-        if not 0 <= index < count:
-            raise LayerprobeError(f"layer={layer} is out of range for this {blocks}-block RWKV-6: use 0..{blocks} "
-                                  f"(0..{blocks - 1} = block outputs, {blocks} = after ln_out) or -{count}..-1")
-        return Layer(requested=requested, index=index, block=min(index, blocks - 1))
+        blocks = self.model.num_hidden_states - 1
+        index = hidden_state_index(layer, blocks + 1, f"{blocks}-block RWKV-6",
+                                   f"0..{blocks - 1} = block outputs, {blocks} = after ln_out")
+        return Layer(requested=layer, index=index, block=min(index, blocks - 1))
 
     def fingerprint(self) -> str:
         self.model
