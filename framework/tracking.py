@@ -1,8 +1,8 @@
 """MLflow tracking: one run per job, a parent run per multirun with its summary.
 
 The default store is SQLite (``sqlite:///mlruns/mlflow.db``): MLflow 3 puts its file store in
-maintenance mode and recommends a database backend for local use. Artifacts then go to
-``mlruns/<experiment id>/`` beside it, so everything stays under ``mlruns/``.
+maintenance mode and recommends a database backend for local use. Artifacts go to
+``mlruns/artifacts/<experiment>/`` beside it, so everything stays under ``tracking.dir``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def use_experiment(tracking: DictConfig) -> str:
     mlflow.set_tracking_uri(tracking_uri(tracking))
     name = str(tracking.get("experiment") or "layerprobe")
     try:
+        found = mlflow.get_experiment_by_name(name)
+        if found is None and not tracking.get("uri"):
+            # MLflow would put artifacts under ./mlruns of whatever folder we run in; keep them beside the database.
+            folder = Path(tracking.get("dir") or "mlruns").expanduser().resolve() / "artifacts" / name
+            mlflow.create_experiment(name, artifact_location=folder.as_uri())
         return mlflow.set_experiment(name).experiment_id
     except mlflow.exceptions.MlflowException as error:
         raise LayerprobeError(f"MLflow store {mlflow.get_tracking_uri()}: {str(error).splitlines()[0]}") from None
