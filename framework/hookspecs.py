@@ -21,7 +21,8 @@ def register_encoders(register):
     (defaults included); ``factory(options)`` gets a filled-in ``schema`` instance and returns an
     object with ``resolve_layer(layer) -> Layer``, ``fingerprint() -> str`` and
     ``encode(sentences, layer) -> Iterator[TokenStates]`` (see ``framework.stages.Encoder``).
-    Factories must be cheap: load weights on first ``encode``.
+    Factories must be cheap: load weights on first ``encode``. An encoder whose states are cheaper
+    to recompute than to cache sets ``cache_token_states = False``.
     """
 
 

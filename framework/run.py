@@ -59,7 +59,7 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work."""
     dataset = registry.build("dataset", cfg.dataset)
     encoder = shared_encoder(registry, cfg.encoder)
-    if cfg.get("cache") and cfg.cache.get("enabled", True) and hasattr(encoder, "fingerprint"):
+    if cfg.get("cache") and cfg.cache.get("enabled", True) and getattr(encoder, "cache_token_states", True):
         encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
     pooler = registry.build("pooler", cfg.pooler)
     metric_set = MetricSet.from_config(cfg.metric, registry)

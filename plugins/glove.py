@@ -50,6 +50,9 @@ class WordVectors:
 
 
 class GloveEncoder:
+    # A vector lookup is cheaper than writing or reading a token-state cache file.
+    cache_token_states = False
+
     def __init__(self, options: GloveOptions):
         if options.tokenizer not in TOKENIZERS:
             raise LayerprobeError(f"encoder.tokenizer={options.tokenizer} is unknown; use one of {', '.join(TOKENIZERS)}")

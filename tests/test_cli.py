@@ -27,6 +27,7 @@ def test_single_job_logs_params_metrics_and_per_pair_scores(run_cli, tiny_mrpc, 
                  "tokens_per_second", "peak_rss_mb", "encoder.oov_tokens"):
         assert name in metrics, name
     assert f"spearman={metrics['spearman']:.4f}" in line[0]
+    assert "encoder.cache_misses" not in metrics and not (result.store / "cache").exists()  # GloVe opts out
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     rows = list(csv.DictReader(io.StringIO((artifacts / "scores.csv").read_text())))
     assert [r["id"] for r in rows] == [str(i) for i in range(8)]
