@@ -1,118 +1,180 @@
-"""``python -m framework``: the Hydra app. One job = one MLflow run; a multirun adds a parent run."""
+"""``python -m framework``: the Hydra app. One job = one tracked run; a multirun adds a sweep around them."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import LayerprobeError
-from framework.plugins import KINDS, Registry, registry
+from framework.plugins import GROUPS, HARNESS_DATASET_OPTIONS, KINDS, Registry, registry, unknown_name_message
 
 _SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # A source checkout or editable install reads the top-level conf/; a wheel ships it as framework/conf.
 CONF_DIR = _SOURCE_CONF if (_SOURCE_CONF / "config.yaml").is_file() else Path(__file__).resolve().parent / "conf"
-CONFIG_GROUPS = (*KINDS, "metric")
+CONFIG_GROUPS = (*(GROUPS[kind] for kind in KINDS), "metric")
+KIND_OF_GROUP = {group: kind for kind, group in GROUPS.items()}
 
 
 def register_plugin_configs(plugins: Registry) -> None:
     """Make every registered plugin a Hydra option (``pooler=maxpool``) with its schema's defaults.
 
     Names with a YAML file in ``conf/`` (the built-ins, whose YAML documents their options) are
-    left to that file; third-party plugins need none.
+    left to that file; third-party plugins need none. Datasets also get the harness-owned options
+    ``split`` and ``limit``.
     """
     store = ConfigStore.instance()
     for kind in KINDS:
+        group = GROUPS[kind]
         for name, component in plugins.components[kind].items():
-            if (CONF_DIR / kind / f"{name}.yaml").is_file():
+            if (CONF_DIR / group / f"{name}.yaml").is_file():
                 continue
             node = OmegaConf.to_container(OmegaConf.structured(component.schema))
-            if kind == "dataset" and "data_root" in node:
-                node["data_root"] = "${data_root}"
-            store.store(group=kind, name=name, node={"name": name, **node}, provider=component.plugin)
+            if kind == "dataset":
+                node = {**HARNESS_DATASET_OPTIONS, **node}
+                if "data_root" in node:
+                    node["data_root"] = "${data_root}"
+            store.store(group=group, name=name, node={"name": name, **node}, provider=component.plugin)
 
 
 def group_options(group: str, plugins: Registry, extra_dirs: list[Path] = ()) -> list[str]:
-    names = set(plugins.names(group)) if group in KINDS else set()
+    names = set(plugins.names(KIND_OF_GROUP[group])) if group in KIND_OF_GROUP else set()
     for folder in (CONF_DIR, *extra_dirs):
         names.update(p.stem for p in (folder / group).glob("*.yaml"))
     return sorted(names)
 
 
-def check_group_choices(arguments: list[str], plugins: Registry) -> None:
-    """Fail in one line on ``pooler=nosuch`` (also inside sweeps) before Hydra composes anything."""
+def _flag_value(arguments: list[str], *flags: str) -> str | None:
+    for i, argument in enumerate(arguments):
+        for flag in flags:
+            if argument == flag and i + 1 < len(arguments):
+                return arguments[i + 1]
+            if argument.startswith(flag + "="):
+                return argument.split("=", 1)[1]
+    return None
+
+
+def check_overrides(arguments: list[str], plugins: Registry) -> None:
+    """Fail in one line on bad overrides (also inside sweeps), before Hydra runs anything.
+
+    Malformed overrides, unknown group options (``pooler=nosuch``) and keys the config does not
+    have (``pooler.kk=3``) are each one line with exit code 2, instead of Hydra's multi-line report.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    extra_dirs = [Path(arguments[i + 1]) for i, a in enumerate(arguments[:-1]) if a in ("--config-dir", "-cd")]
-    candidates = [a for a in arguments if "=" in a and not a.startswith("-")]
-    try:
-        overrides = OverridesParser.create().parse_overrides(candidates)
-    except HydraException:
-        return  # Hydra reports malformed overrides itself
+    if any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc") or a.startswith("--info=")
+           for a in arguments):
+        return
+    config_dir = _flag_value(arguments, "--config-dir", "-cd")
+    extra_dirs = [Path(config_dir)] if config_dir else []
+    skip = {i + 1 for i, a in enumerate(arguments) if a in ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")}
+    candidates = [a for i, a in enumerate(arguments) if i not in skip and not a.startswith("-")]
+    parser = OverridesParser.create()
+    overrides = []
+    for candidate in candidates:
+        try:
+            overrides += parser.parse_overrides([candidate])
+        except HydraException as error:
+            first = (str(error).splitlines() or [""])[0]
+            raise LayerprobeError(f"malformed override '{candidate}': {first}; write key=value (a sweep: key=a,b)") from None
     for override in overrides:
         group = override.key_or_group
         if group not in CONFIG_GROUPS or override.is_delete() or override.package:
             continue
-        if override.is_sweep_override():
-            choices = list(override.sweep_string_iterator())
-        else:
-            choices = [override.get_value_element_as_str()]
+        choices = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.get_value_element_as_str()]
         known = group_options(group, plugins, extra_dirs)
         for choice in choices:
             if choice not in known:
-                from framework.plugins import unknown_name_message
-
                 raise LayerprobeError(unknown_name_message(group, choice, known))
+    multirun = any(a in ("-m", "--multirun") for a in arguments)
+    _compose_first_of_each_sweep(overrides, config_dir, _flag_value(arguments, "--config-name", "-cn"), multirun)
+
+
+def check_writable(folder: Path, mode: str) -> None:
+    """Hydra creates its output folder before any job code runs: check it can, in one line."""
+    existing = folder.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "not a folder" if not existing.is_dir() else "not writable"
+        raise LayerprobeError(f"cannot create {folder} (hydra.{'sweep' if mode == 'multirun' else 'run'}.dir, under tracking.dir): "
+                              f"{existing} is {reason}; set tracking.dir to a writable folder")
+
+
+def _compose_first_of_each_sweep(overrides, config_dir: str | None, config_name: str | None, multirun: bool) -> None:
+    """Compose the config once (the first value of every sweep) to catch keys that do not exist."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = []
+    for override in overrides:
+        text = override.input_line
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()), None)
+            if first is None:
+                continue
+            prefix = ("+" if override.is_add() else "++" if override.is_force_add() else "")
+            text = f"{prefix}{override.get_key_element()}={first}"
+        plain.append(text)
+    if config_dir:
+        plain.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name or "config", overrides=plain, return_hydra_config=True)
+            output = cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir
+            check_writable(Path(str(output)), "multirun" if multirun else "run")
+    except (HydraException, OmegaConfBaseException) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = " ".join(lines[:2])[:400]
+        hint = ""
+        if "hydra/launcher" in message:
+            hint = " (Hydra launchers are extras: pip install 'layerprobe[joblib]', '[slurm]' or '[ray]')"
+        elif "not in struct" in message or "Could not override" in message:
+            hint = " (prefix a new key with +, e.g. +key=value; python -m framework --cfg job lists every key)"
+        raise LayerprobeError(f"{message}{hint}") from None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_job(cfg: DictConfig) -> None:
+    from framework.job import run_job
+
     run_job(cfg)
 
 
-def run_job(cfg: DictConfig) -> None:
-    """Evaluate, track, print the result line. In a multirun a failed job does not stop the sweep."""
-    from framework.run import evaluate, result_line
-    from framework.tracking import job_run, log_evaluation
-
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    name = f"{cfg.encoder.name} {cfg.pooler.name} {cfg.dataset.name} layer={cfg.get('layer')}"
-    try:
-        with job_run(cfg, name):
-            if multirun:
-                import mlflow
-
-                mlflow.set_tag("layerprobe.job", str(HydraConfig.get().job.num))
-            evaluation = evaluate(cfg, registry())
-            log_evaluation(cfg, evaluation)
-        print(result_line(cfg, evaluation), flush=True)
-    except LayerprobeError as error:
-        print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
-        if not multirun:
-            raise SystemExit(2)
-    except Exception as error:
-        if not multirun:
-            raise
-        traceback.print_exc()
-        print(f"layerprobe: job failed ({name}): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (what SLURM and ``kill`` send) stops a sweep the way Ctrl-C does."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         plugins = registry()
         register_plugin_configs(plugins)
-        check_group_choices(sys.argv[1:], plugins)
+        check_overrides(sys.argv[1:], plugins)
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    hydra_job()
+    try:
+        hydra_job()
+    except KeyboardInterrupt:
+        from framework.sweep import interrupted
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        code = interrupted()
+        print("layerprobe: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(code or 130)
 
 
 if __name__ == "__main__":

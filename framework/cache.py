@@ -6,12 +6,19 @@ one process (Hydra's basic launcher) and on disk (``cache.dir``) for other proce
 sweeps, with a size bound that evicts the least recently used files. An encoder that can continue
 from a shallower layer's states (``resume``) starts from the deepest cached one below the layer
 asked for, instead of from the embeddings.
+
+Several worker processes (joblib, SLURM, Ray) share the folder: files are written to a temporary
+name and renamed (a reader sees a whole file or none), a per-key file lock makes a second worker
+that needs the same states wait for the first instead of computing them again, and a damaged or
+truncated file is reported, deleted and recomputed, never fatal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -29,6 +36,7 @@ class TokenStateCache:
         self.folder = Path(folder).expanduser() if folder else None
         self.max_bytes = int(max_gb * 2**30)
         self.memory: OrderedDict[str, list[TokenStates]] = OrderedDict()
+        self.damaged = 0  # files found unreadable (and recomputed)
 
     @staticmethod
     def key(fingerprint: str, layer_index: int | None, sentences: Sequence[str]) -> str:
@@ -51,13 +59,17 @@ class TokenStateCache:
         path = self._path(key)
         if not (path and path.is_file()):
             return None
-        try:
+        try:  # weights_only: tensors and plain containers only, never code
             stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged or foreign file is a miss, not a failure
+            batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored]
+        except Exception as error:  # damaged, truncated or foreign: recompute, never fail the job
+            self.damaged += 1
+            print(f"layerprobe: warning: token-state cache file {path} is unreadable ({type(error).__name__}: "
+                  f"{str(error)[:120]}); recomputing it", file=sys.stderr, flush=True)
             path.unlink(missing_ok=True)
             return None
-        os.utime(path)  # recently used: evicted last
-        batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored]
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: evicted last
         self._remember(key, batches)
         return batches
 
@@ -74,6 +86,15 @@ class TokenStateCache:
         os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
         self._evict()
 
+    def computing(self, key: str):
+        """A lock held while the states of ``key`` are computed, across processes (no-op in memory only)."""
+        if self.folder is None:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        (self.folder / "locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.folder / "locks" / f"{key}.lock"))
+
     def _remember(self, key: str, batches: list[TokenStates]) -> None:
         self.memory[key] = batches
         self.memory.move_to_end(key)
@@ -81,12 +102,17 @@ class TokenStateCache:
             self.memory.popitem(last=False)
 
     def _evict(self) -> None:
-        files = sorted(self.folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
+        sizes = {}
+        for path in self.folder.glob("*.pt"):
+            with contextlib.suppress(OSError):  # another process may evict the same file
+                stat = path.stat()
+                sizes[path] = (stat.st_mtime, stat.st_size)
+        files = sorted(sizes, key=lambda p: sizes[p][0])
+        total = sum(size for _, size in sizes.values())
         for path in files[:-1]:
             if total <= self.max_bytes:
                 break
-            total -= path.stat().st_size
+            total -= sizes[path][1]
             path.unlink(missing_ok=True)
 
 
@@ -112,11 +138,27 @@ class CachedEncoder:
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         fingerprint = self.encoder.fingerprint()
         key = self.cache.key(fingerprint, layer.index, sentences)
-        batches = self.cache.get(key)
+        batches = self._get(key)
         if batches is not None:
             self.stats["cache_hits"] += 1
             yield from batches
             return
+        with self.cache.computing(key):
+            batches = self._get(key)  # another worker may have computed it while this one waited
+            if batches is not None:
+                self.stats["cache_hits"] += 1
+                yield from batches
+                return
+            yield from self._compute(fingerprint, key, sentences, layer)
+
+    def _get(self, key: str) -> list[TokenStates] | None:
+        damaged = self.cache.damaged
+        batches = self.cache.get(key)
+        if self.cache.damaged > damaged:
+            self.stats["cache_damaged"] += self.cache.damaged - damaged
+        return batches
+
+    def _compute(self, fingerprint: str, key: str, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         self.stats["cache_misses"] += 1
         source = self._resumable_source(fingerprint, layer, sentences)
         if source is not None:
@@ -133,13 +175,15 @@ class CachedEncoder:
         self.cache.put(key, kept)
 
     def _resumable_source(self, fingerprint: str, layer: Layer, sentences):
-        if not hasattr(self.encoder, "resume") or layer.index is None:
+        from framework.stages import ResumableEncoder
+
+        if not isinstance(self.encoder, ResumableEncoder) or layer.index is None:
             return None
         for index in range(layer.index - 1, -1, -1):
             start = self.encoder.resolve_layer(index)
             if not self.encoder.can_resume_from(start):
                 continue
-            cached = self.cache.get(self.cache.key(fingerprint, index, sentences))
+            cached = self._get(self.cache.key(fingerprint, index, sentences))
             if cached is not None:
                 return start, cached
         return None

@@ -3,8 +3,9 @@
 A plugin module implements any of these with ``@hookimpl`` and calls ``register`` once per thing it
 adds. Built-ins (``plugins/``) register through the same hooks as third-party packages, which are
 found through the entry-point group ``layerprobe``. Each registered name becomes an option of the
-Hydra config group of the same kind (``encoder=…``, ``pooler=…``, ``dataset=…``), with the fields
-of its ``schema`` dataclass as its options — no YAML needs to be shipped.
+Hydra config group of its kind (``encoder=…``, ``pooler=…``, ``dataset=…``, ``tracking=…``), with
+the fields of its ``schema`` dataclass as its options — no YAML needs to be shipped. What the
+objects a factory returns must provide (and may provide) is in ``framework.stages``.
 """
 
 import pluggy
@@ -13,16 +14,18 @@ hookspec = pluggy.HookspecMarker("layerprobe")
 hookimpl = pluggy.HookimplMarker("layerprobe")
 
 
+# --- What a job evaluates -----------------------------------------------------------------------
+
 @hookspec
 def register_encoders(register):
     """Add encoders: ``register(name, factory, schema)``.
 
     Called once when the plugin manager starts. ``schema`` is a dataclass of the encoder's options
-    (defaults included); ``factory(options)`` gets a filled-in ``schema`` instance and returns an
-    object with ``resolve_layer(layer) -> Layer``, ``fingerprint() -> str`` and
-    ``encode(sentences, layer) -> Iterator[TokenStates]`` (see ``framework.stages.Encoder``).
-    Factories must be cheap: load weights on first ``encode``. An encoder whose states are cheaper
-    to recompute than to cache sets ``cache_token_states = False``.
+    (defaults included); ``factory(options)`` gets a filled-in ``schema`` instance and returns a
+    ``framework.stages.Encoder``. Factories must be cheap: load weights on first ``encode``.
+    Optional members: ``cache_token_states = False`` for encoders whose states are cheaper to
+    recompute than to cache; ``can_resume_from``/``resume`` for encoders that can continue from a
+    shallower layer's cached states (``framework.stages.ResumableEncoder``).
     """
 
 
@@ -30,9 +33,10 @@ def register_encoders(register):
 def register_poolers(register):
     """Add poolers: ``register(name, factory, schema)``.
 
-    ``factory(options)`` returns an object with ``pool(TokenStates) -> Tensor[batch, dim]``
-    and, for poolers that learn, ``fit(PairTokenStates, seed) -> dict`` (its training curve), which the
-    harness calls with the train split only, before any evaluation split is encoded.
+    ``factory(options)`` returns a ``framework.stages.Pooler``: ``pool(TokenStates) -> Tensor[batch,
+    dim]``. Poolers that learn also have ``fit(PairTokenStates, seed) -> dict`` (their training
+    curve), which the harness calls with the train split only, before any evaluation split is
+    encoded, and may have ``learned() -> dict`` (tensors saved with the run).
     """
 
 
@@ -40,8 +44,11 @@ def register_poolers(register):
 def register_datasets(register):
     """Add datasets of sentence pairs: ``register(name, factory, schema)``.
 
-    ``factory(options)`` returns an object with ``splits`` (names it can load) and
-    ``load(split, limit) -> PairSet`` that accounts for every row it read.
+    ``factory(options)`` returns a ``framework.stages.Dataset``: ``splits`` (the names it can load)
+    and ``load(split, limit) -> PairSet``, which accounts for every row it read. ``split`` and
+    ``limit`` are options the harness owns for every dataset (``dataset.split``, default
+    ``validation``; ``dataset.limit``, default null = all rows): a schema need not declare them,
+    and the harness passes them to ``load``.
     """
 
 
@@ -52,5 +59,21 @@ def register_metrics(register):
     ``function(scores, labels) -> float`` scores one split; the harness adds a bootstrap CI.
     With ``calibrated=True`` it is ``function(scores, labels, threshold)``: the harness picks the
     threshold that maximises it on the calibration (train) split and applies it to the evaluated
-    split.
+    split. Every registered metric named in ``metric.names`` shows in summaries, plots and reports.
+    """
+
+
+# --- Where results go ---------------------------------------------------------------------------
+
+@hookspec
+def register_trackers(register):
+    """Add trackers: ``register(name, factory, schema)``; ``tracking=<name>`` picks one.
+
+    ``factory(options)`` returns a ``framework.stages.Tracker``. The harness calls, in the sweep's
+    driver process, ``start_sweep(sweep)`` before any job (what it returns is stored in the sweep
+    directory for every worker) and ``end_sweep(sweep, results, files, status)`` after the last
+    (or on interruption); in whatever process runs a job, ``start_job(job)`` before the work and
+    ``end_job(job, result, evaluation)`` after it, also when it failed or was interrupted.
+    Optional: ``find_finished(config_hash)`` (for ``resume=true``), ``recover_stale()`` (runs left
+    RUNNING by killed processes), ``load_results(parent)`` (for ``python -m framework.report``).
     """

@@ -1,4 +1,4 @@
-"""The plugin manager and the registry of named encoders, poolers, datasets and metrics."""
+"""The plugin manager and the registry of named encoders, poolers, datasets, trackers and metrics."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ from framework import hookspecs
 from framework.errors import LayerprobeError
 
 PROJECT = "layerprobe"
-KINDS = ("encoder", "pooler", "dataset")
+KINDS = ("encoder", "pooler", "dataset", "tracker")
+# The Hydra config group of each kind (``tracking=mlflow`` picks a tracker).
+GROUPS = {"encoder": "encoder", "pooler": "pooler", "dataset": "dataset", "tracker": "tracking"}
+# Options the harness owns for every dataset, whether or not its schema declares them.
+HARNESS_DATASET_OPTIONS = {"split": "validation", "limit": None}
 BUILTIN_MODULES = (
+    "plugins.mlflow",
     "plugins.glue",
     "plugins.glove",
     "plugins.rwkv",
@@ -41,13 +46,18 @@ class Component:
         """Validate ``config`` against the schema; returns a schema instance, or a one-line error."""
         raw = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
         raw.pop("name", None)
+        if self.kind == "dataset":  # split/limit are the harness's, passed to load(); not the schema's
+            declared = {f.name for f in dataclasses.fields(self.schema)}
+            for key in HARNESS_DATASET_OPTIONS:
+                if key not in declared:
+                    raw.pop(key, None)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(self.schema), raw)
             return OmegaConf.to_object(merged)
         except OmegaConfBaseException as error:
             message = str(error).splitlines()[0]
             fields = ", ".join(f.name for f in dataclasses.fields(self.schema)) or "none"
-            raise LayerprobeError(f"{self.kind} '{self.name}': {message} (its options: {fields})") from None
+            raise LayerprobeError(f"{GROUPS[self.kind]} '{self.name}': {message} (its options: {fields})") from None
 
     def build(self, config: DictConfig | dict) -> Any:
         return self.factory(self.options(config))
@@ -97,7 +107,7 @@ class Registry:
         try:
             return self.components[kind][name]
         except KeyError:
-            raise LayerprobeError(unknown_name_message(kind, name, self.names(kind))) from None
+            raise LayerprobeError(unknown_name_message(GROUPS.get(kind, kind), name, self.names(kind))) from None
 
     def metric(self, name: str) -> Metric:
         try:
@@ -109,7 +119,8 @@ class Registry:
         """Build the component that ``config.name`` names, with ``config``'s other keys as options."""
         name = config.get("name")
         if not name:
-            raise LayerprobeError(f"the {kind} config has no 'name'; pick one with {kind}=<name> ({', '.join(self.names(kind))})")
+            group = GROUPS.get(kind, kind)
+            raise LayerprobeError(f"the {group} config has no 'name'; pick one with {group}=<name> ({', '.join(self.names(kind))})")
         return self.component(kind, name).build(config)
 
 

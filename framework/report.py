@@ -1,9 +1,11 @@
-"""``python -m framework.report``: the layer-wise table and plot, rebuilt from MLflow runs.
+"""``python -m framework.report``: the layer-wise table and plot, rebuilt from a tracker's records.
 
-Rows are encoder/pooler (per dataset), columns are layers, cells are the metric with its 95% CI,
-plus time per pair and peak memory. Reads the MLflow store only, never the jobs' output folders.
+Rows are encoder/pooler/dataset plus every other setting that differs between the runs (so runs
+that differ in tokenizer, limit or seed are never merged); columns are layers, cells the metric
+with its 95% CI, then time per pair and peak memory. Of several runs with the same config, the
+newest finished one is shown and the ``runs`` column says how many there were.
 
-    python -m framework.report --experiment layerprobe [--parent RUN_ID] [--metric spearman] [--out DIR]
+    python -m framework.report [--experiment layerprobe] [--parent RUN_ID] [--metric spearman] [--out DIR]
 """
 
 from __future__ import annotations
@@ -13,53 +15,54 @@ import sys
 from pathlib import Path
 
 from framework.errors import LayerprobeError
+from framework.results import JobResult, identity, newest_per_config, varying_settings
 
 
-def layer_table(rows, metric: str) -> tuple[list[str], list[list[str]]]:
-    """Rows encoder/pooler/dataset × columns layers (cells: metric [CI]), then cost columns."""
-    finished = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
-    layers = sorted({r.layer for r in finished}, key=lambda l: (l != "-", int(l) if l.lstrip("-").isdigit() else 0))
-    groups: dict[tuple[str, str, str], dict[str, object]] = {}
-    for row in finished:
-        groups.setdefault((row.encoder, row.pooler, f"{row.dataset}/{row.split}"), {})[row.layer] = row
-    header = ["encoder", "pooler", "dataset", *(f"layer {l}" for l in layers), "ms_per_pair", "peak_memory_mb"]
+def layer_table(results: list[JobResult], metric: str, shared: dict[str, int] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows (encoder, pooler, dataset, differing settings) × columns layers, then cost and run counts."""
+    shared = shared or {}
+    finished = [r for r in results if r.finished and metric in r.metrics]
+    extra = [key for key in varying_settings(finished) if key != "layer"]
+    layers = sorted({r.label["layer"] for r in finished}, key=lambda l: (l != "-", int(l) if l.lstrip("-").isdigit() else 0))
+    groups: dict[tuple, dict[str, JobResult]] = {}
+    for result in finished:
+        settings = identity(result.settings)
+        key = (result.label["encoder"], result.label["pooler"], f"{result.label['dataset']}/{result.label['split']}",
+               *(settings.get(k, "") for k in extra))
+        groups.setdefault(key, {})[result.label["layer"]] = result
+    header = ["encoder", "pooler", "dataset", *extra, *(f"layer {l}" for l in layers), "ms_per_pair", "peak_memory_mb", "runs"]
     body = []
-    for (encoder, pooler, dataset), by_layer in sorted(groups.items()):
+    for key, by_layer in sorted(groups.items()):
         runs = list(by_layer.values())
         per_pair = [1000 / r.metrics["pairs_per_second"] for r in runs if r.metrics.get("pairs_per_second")]
-        memory = [r.metrics.get("peak_gpu_memory_mb", r.metrics.get("peak_rss_mb")) for r in runs]
-        memory = [m for m in memory if m is not None]
-        body.append([encoder, pooler, dataset, *(by_layer[l].metric_text(metric) if l in by_layer else "" for l in layers),
-                     f"{sum(per_pair) / len(per_pair):.4f}" if per_pair else "", f"{max(memory):.0f}" if memory else ""])
+        memory = [m for r in runs if (m := r.metrics.get("peak_gpu_memory_mb", r.metrics.get("peak_rss_mb"))) is not None]
+        repeats = [shared.get(r.config_hash, 1) for r in runs]
+        body.append([*key, *(by_layer[l].metric_text(metric) if l in by_layer else "" for l in layers),
+                     f"{sum(per_pair) / len(per_pair):.4f}" if per_pair else "", f"{max(memory):.0f}" if memory else "",
+                     str(len(runs)) + (f" (+{sum(repeats) - len(repeats)} older with the same config)" if sum(repeats) > len(repeats) else "")])
     return header, body
 
 
-def build_report(tracking_uri: str, experiment: str, parent: str | None, metric: str, out: Path) -> str:
-    from mlflow.tracking import MlflowClient
+def build_report(tracker, parent: str | None, metric: str, out: Path, description: str = "the store") -> str:
+    """The report of ``tracker``'s runs (or of the sweep ``parent``): Markdown, CSV and PNG in ``out``."""
+    from framework.stages import ReportSource
+    from framework.summary import markdown, plot_metrics_by_layer, write_csv
 
-    from framework.summary import child_runs, markdown, plot_metrics_by_layer, run_rows, write_csv
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        known = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise LayerprobeError(f"no MLflow experiment '{experiment}' in {tracking_uri} (experiments there: {known})")
-    if parent:
-        try:
-            runs = child_runs(client, parent)
-        except Exception:  # MLflow raises its own exception for an unknown run id
-            raise LayerprobeError(f"no run '{parent}' in {tracking_uri}; give the id of a sweep's parent run") from None
-    else:
-        runs = [r for r in client.search_runs([found.experiment_id], max_results=50000) if "layer_index" in r.data.params]
-    rows = run_rows(runs)
-    if not any(r.status == "FINISHED" and metric in r.metrics for r in rows):
-        raise LayerprobeError(f"experiment '{experiment}'{f' (parent {parent})' if parent else ''} has no finished run with '{metric}'")
-    header, body = layer_table(rows, metric)
+    if not isinstance(tracker, ReportSource):
+        raise LayerprobeError("this tracker cannot read its runs back for a report; use tracking=mlflow")
+    results = tracker.load_results(parent)
+    newest, shared = newest_per_config(results)
+    if not any(r.finished and metric in r.metrics for r in newest):
+        raise LayerprobeError(f"{description}{f' (parent {parent})' if parent else ''} has no finished run with '{metric}'")
+    header, body = layer_table(newest, metric, shared)
     table = markdown(header, body)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table, encoding="utf-8")
     write_csv(header, body, out / "report.csv")
-    plot_metrics_by_layer([r for r in rows if r.status == "FINISHED"], out / "report.png")
+    plot_metrics_by_layer([r for r in newest if r.finished], out / "report.png")
+    duplicates = sum(count - 1 for count in shared.values())
+    if duplicates:
+        table += f"\n{duplicates} older run(s) repeat a config shown here; each row shows the newest.\n"
     return table
 
 
@@ -68,16 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default="layerprobe")
     parser.add_argument("--parent", help="only the jobs of this sweep (its parent run id)")
     parser.add_argument("--metric", default="spearman")
-    parser.add_argument("--tracking-uri", help="default: sqlite:///<tracking-dir>/mlflow.db")
+    parser.add_argument("--tracker", default="mlflow", help="the tracker whose records are read (tracking=… of the runs)")
+    parser.add_argument("--tracking-uri", help="e.g. http://127.0.0.1:5000; default: sqlite:///<tracking-dir>/mlflow.db")
     parser.add_argument("--tracking-dir", default="mlruns")
     parser.add_argument("--out", type=Path, default=Path("mlruns") / "report")
     args = parser.parse_args(argv)
-    database = Path(args.tracking_dir).expanduser().resolve() / "mlflow.db"
-    if not args.tracking_uri and not database.is_file():
-        print(f"layerprobe: error: no MLflow store at {database}; run a job first or pass --tracking-dir/--tracking-uri", file=sys.stderr)
-        raise SystemExit(2)
+    from framework.plugins import registry
+
+    options = {"name": args.tracker, "uri": args.tracking_uri, "dir": args.tracking_dir, "experiment": args.experiment}
     try:
-        print(build_report(args.tracking_uri or f"sqlite:///{database}", args.experiment, args.parent, args.metric, args.out), end="")
+        tracker = registry().build("tracker", {key: value for key, value in options.items() if value is not None})
+        print(build_report(tracker, args.parent, args.metric, args.out, f"experiment '{args.experiment}'"), end="")
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr)
         raise SystemExit(2)

@@ -1,6 +1,7 @@
 """One evaluation, in one direction: dataset → encoder → pooler → cosine → metrics.
 
-Tracking is not done here: ``evaluate`` returns an ``Evaluation`` that ``framework.tracking`` logs.
+Tracking is not done here: ``evaluate`` returns an ``Evaluation``; ``framework.job`` hands it to
+the configured trackers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenSta
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
 from framework.plugins import Registry
-from framework.stages import LearnedPooler
+from framework.stages import LearnedPooler, cache_token_states, learned_tensors
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Evaluation:
     training_curve: dict[str, list[float]] = field(default_factory=dict)
     learned: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=dict)
 
     @property
     def pairs(self) -> PairSet:
@@ -54,22 +56,47 @@ class Evaluation:
     def metric(self, name: str) -> MetricValue | None:
         return next((m for m in self.metrics if m.name == name), None)
 
+    def logged_metrics(self) -> dict[str, float]:
+        """Every number of the job, flat: metrics with CIs and fitted extras, timings, counts, memory."""
+        metrics: dict[str, float] = {"n_pairs": len(self.pairs), **self.timings, **self.memory}
+        for value in self.metrics:
+            metrics[value.name] = value.value
+            if value.ci_low is not None:
+                metrics[f"{value.name}_ci_low"], metrics[f"{value.name}_ci_high"] = value.ci_low, value.ci_high
+            metrics.update({f"{value.name}_{key}": extra for key, extra in value.extras.items()})
+        metrics.update({f"encoder.{key}": count for key, count in self.encoder_counts.items()})
+        return {key: float(value) for key, value in metrics.items()}
+
+    def logged_params(self) -> dict[str, str]:
+        """What the job found out about its input: row accounting, data source, resolved layer."""
+        params = {f"data.{key}": value for key, value in self.pairs.counts().items()}
+        params["data.source"] = self.pairs.source
+        params["layer_index"] = self.layer.label  # "-" for encoders without layers
+        params["block_index"] = "-" if self.layer.block is None else self.layer.block
+        if self.calibration is not None:
+            params["calibration.split"] = self.calibration.split
+            params["calibration.pairs"] = len(self.calibration)
+        return {key: str(value) for key, value in params.items()}
+
 
 def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work."""
     dataset = registry.build("dataset", cfg.dataset)
     encoder = shared_encoder(registry, cfg.encoder)
-    if cfg.get("cache") and cfg.cache.get("enabled", True) and getattr(encoder, "cache_token_states", True):
+    if cfg.get("cache") and cfg.cache.get("enabled", True) and cache_token_states(encoder):
         encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
     pooler = registry.build("pooler", cfg.pooler)
     metric_set = MetricSet.from_config(cfg.metric, registry)
     layer = encoder.resolve_layer(cfg.get("layer"))
-    split = cfg.dataset.get("split")
+    split = cfg.dataset.get("split", "validation")
     if not split:
         raise LayerprobeError("dataset.split is not set; e.g. dataset.split=validation")
     torch.manual_seed(int(cfg.seed))
 
-    pairs = dataset.load(split, cfg.dataset.get("limit"))
+    limit = cfg.dataset.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise LayerprobeError(f"dataset.limit={limit} must be a positive number of rows (or null for all)")
+    pairs = dataset.load(split, limit)
     if not len(pairs):
         raise LayerprobeError(f"{pairs.dataset}/{split} has no labelled pair to evaluate ({pairs.rows_read} rows read, skipped: {dict(pairs.skipped)})")
 
@@ -80,7 +107,7 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
         train_split = cfg.pooler.get("train_split", "train")
         train = _load_other_split(dataset, train_split, cfg.pooler.get("train_limit"), "pooler.train_split")
         training_curve = pooler.fit(token_states_of(train, encoder, layer), int(cfg.seed)) or {}
-        learned = getattr(pooler, "learned", lambda: {})()
+        learned = learned_tensors(pooler)
 
     calibration = None
     if metric_set.needs_calibration and metric_set.calibration_split not in dataset.splits:

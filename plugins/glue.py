@@ -22,10 +22,8 @@ SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"
 
 @dataclass
 class GlueOptions:
-    """Options of a GLUE dataset. Without data_dir or data_root, the hub is used."""
+    """Options of a GLUE dataset (split and limit are the harness's). Without data_dir or data_root, the hub is used."""
 
-    split: str = "validation"
-    limit: int | None = None
     data_dir: str | None = None
     data_root: str | None = None
     hub_id: str = "nyu-mll/glue"

@@ -65,17 +65,45 @@ class CliResult:
     stderr: str
     store: Path
 
-    def runs(self, experiment: str = "layerprobe"):
-        import mlflow
+    def client(self):
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(f"sqlite:///{self.store / 'mlflow.db'}")
+        return MlflowClient(f"sqlite:///{self.store / 'mlflow.db'}")
+
+    def runs(self, experiment: str = "layerprobe"):
+        client = self.client()
         found = client.get_experiment_by_name(experiment)
         return [] if found is None else client.search_runs([found.experiment_id], max_results=1000)
+
+    def tracker(self, experiment: str = "layerprobe"):
+        """The MLflow tracker over this run's store, as ``python -m framework.report`` builds it."""
+        from framework.plugins import registry
+
+        return registry().build("tracker", {"name": "mlflow", "dir": str(self.store), "experiment": experiment})
+
+    def parents(self, experiment: str = "layerprobe"):
+        return [r for r in self.runs(experiment) if r.data.tags.get("layerprobe.sweep") == "true"]
+
+    def children(self, parent, experiment: str = "layerprobe"):
+        return [r for r in self.runs(experiment) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
     @property
     def error_lines(self) -> list[str]:
         return [l for l in self.stderr.splitlines() if l.startswith("layerprobe:")]
+
+
+def cli_command(store: Path, *args: str, env: dict | None = None) -> tuple[list[str], dict]:
+    """argv and environment of ``python -m framework ARGS`` with its MLflow store in ``store``."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    if any(a.startswith("tracking=") and a != "tracking=mlflow" for a in overrides):  # a tracker without tracking.dir
+        where = [f"hydra.run.dir={store}/run", f"hydra.sweep.dir={store}/sweep", f"cache.dir={store}/cache"]
+    elif any(a.startswith(("tracking.dir=", "tracking.uri=")) for a in overrides):
+        where = []
+    else:
+        where = [f"tracking.dir={store}"]
+    return [sys.executable, "-m", "framework", *flags, *where, *overrides], environment
 
 
 @pytest.fixture
@@ -84,11 +112,35 @@ def run_cli(tmp_path):
     store = tmp_path / "mlruns"
 
     def run(*args: str, env: dict | None = None, timeout: int = 300) -> CliResult:
-        environment = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-        flags = [a for a in args if a.startswith("-")]
-        overrides = [a for a in args if not a.startswith("-")]
-        done = subprocess.run([sys.executable, "-m", "framework", *flags, f"tracking.dir={store}", *overrides],
-                              cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
+        command, environment = cli_command(store, *args, env=env)
+        done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout)
         return CliResult(done.returncode, done.stdout, done.stderr, store)
 
     return run
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def testkit_site(tmp_path_factory) -> Path:
+    """tests/plugins/layerprobe_testkit.py installed as pip would: module + dist-info entry point."""
+    import shutil
+
+    site = tmp_path_factory.mktemp("testkit-site")
+    shutil.copy(REPO / "tests" / "plugins" / "layerprobe_testkit.py", site)
+    info = site / "layerprobe_testkit-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: layerprobe-testkit\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[layerprobe]\ntestkit = layerprobe_testkit\n")
+    return site
+
+
+@pytest.fixture
+def testkit_env(testkit_site) -> dict:
+    return {"PYTHONPATH": os.pathsep.join([str(testkit_site), os.environ.get("PYTHONPATH", "")])}

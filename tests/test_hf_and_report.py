@@ -101,7 +101,7 @@ def test_report_numbers_equal_the_logged_metrics(run_cli, tiny_mrpc, tiny_vector
 
     result = run_cli("-m", f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "pooler=mean,max")
     assert result.returncode == 0, result.stderr
-    table = build_report(f"sqlite:///{result.store / 'mlflow.db'}", "layerprobe", None, "spearman", tmp_path / "out")
+    table = build_report(result.tracker(), None, "spearman", tmp_path / "out")
     for run in result.runs():
         if "layer_index" not in run.data.params:
             continue
@@ -111,4 +111,4 @@ def test_report_numbers_equal_the_logged_metrics(run_cli, tiny_mrpc, tiny_vector
         assert cell in line
     assert (tmp_path / "out" / "report.csv").is_file() and (tmp_path / "out" / "report.png").is_file()
     with pytest.raises(LayerprobeError, match="no MLflow experiment 'nope'"):
-        build_report(f"sqlite:///{result.store / 'mlflow.db'}", "nope", None, "spearman", tmp_path / "x")
+        build_report(result.tracker("nope"), None, "spearman", tmp_path / "x")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,17 @@ def _from_blinkdl_file(path: Path) -> Checkpoint:
     return Checkpoint(infer_config(state, str(path)), state, f"file:{path.resolve()}")
 
 
+# torch.save's legacy (pre-1.6, non-zip) format: a pickle whose first object is this magic number.
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if file.suffix != ".safetensors" and not zipfile.is_zipfile(file):
+        with open(file, "rb") as handle:
+            legacy = handle.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC
+        if legacy:
+            raise LayerprobeError(f"{file} is in PyTorch's legacy (non-zip) format, which cannot be memory-mapped; convert it once: "
+                                  f"python -m plugins.rwkv.convert {file} {file.with_suffix('.safetensors')}")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -1,0 +1,194 @@
+"""One job, in whatever process a launcher runs it: evaluate, hand the outcome to the trackers.
+
+The job finds its sweep in the sweep directory (``framework.sweep``), skips itself when
+``resume=true`` and a finished run of the same config exists, and always leaves a result: in the
+tracker (FINISHED, FAILED or KILLED) and as a JSON file in the sweep directory for the summary.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from framework.errors import LayerprobeError
+from framework.results import JobResult, PairScoreTable, config_hash, flatten, setting_text
+from framework.sweep import JobInfo, current_sweep
+
+
+def run_job(cfg: DictConfig) -> None:
+    """Evaluate, track, print the result line. In a multirun a failed job does not stop the sweep."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from framework.plugins import registry
+    from framework.run import evaluate, result_line
+
+    sweep = current_sweep()
+    multirun = sweep is not None or _is_multirun()
+    number = HydraConfig.get().job.num if multirun else None
+    settings = flatten(OmegaConf.to_container(cfg, resolve=True))
+    job = JobInfo(run_name(cfg), cfg, settings, config_hash(settings), number, sweep)
+    plugins = registry()
+    try:
+        tracker = plugins.build("tracker", cfg.tracking)
+    except LayerprobeError as error:
+        return _fail_before_start(error, multirun)
+
+    try:
+        if cfg.get("resume") and _reuse(tracker, job) is not None:
+            return
+        if not multirun:
+            from framework.stages import StaleRecovery
+
+            if isinstance(tracker, StaleRecovery):
+                tracker.recover_stale()
+        tracker.start_job(job)
+    except LayerprobeError as error:
+        return _fail_before_start(error, multirun)
+
+    choose_device(number)
+    reset_peak_memory()
+    evaluation, result = None, None
+    try:
+        evaluation = evaluate(cfg, plugins)
+        evaluation.memory = peak_memory()
+        result = result_of(job, evaluation)
+    except KeyboardInterrupt:
+        result = failed_result(job, "KILLED", "interrupted (SIGINT/SIGTERM)")
+        raise
+    except LayerprobeError as error:
+        result = failed_result(job, "FAILED", str(error))
+        print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
+        if not multirun:
+            raise SystemExit(2)
+    except Exception as error:
+        result = failed_result(job, "FAILED", f"{type(error).__name__}: {error}")
+        if not multirun:
+            raise
+        traceback.print_exc()
+        print(f"layerprobe: job failed ({job.name}): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    finally:
+        if result is not None:
+            _record(tracker, job, result, evaluation)
+    if result.finished:
+        print(result_line(cfg, evaluation), flush=True)
+
+
+def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
+    try:
+        tracker.end_job(job, result, evaluation)
+    finally:
+        if job.sweep is not None:
+            job.sweep.write_result(result)
+
+
+def _reuse(tracker, job: JobInfo) -> JobResult | None:
+    from framework.stages import ResumingTracker
+
+    if not isinstance(tracker, ResumingTracker):
+        raise LayerprobeError(f"resume=true: tracking={job.config.tracking.name} cannot find earlier runs; "
+                              "use a tracker that can (tracking=mlflow)")
+    previous = tracker.find_finished(job.config_hash)
+    if previous is None:
+        return None
+    previous.job, previous.origin = job.number, "reused"
+    if job.sweep is not None:
+        job.sweep.write_result(previous)
+    print(f"reused {previous.run_ref} (resume=true, same config): {job.name}", flush=True)
+    return previous
+
+
+def _fail_before_start(error: LayerprobeError, multirun: bool) -> None:
+    print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
+    if not multirun:
+        raise SystemExit(2)
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_name(cfg: DictConfig) -> str:
+    return f"{cfg.encoder.name} {cfg.pooler.name} {cfg.dataset.name} layer={cfg.get('layer')}"
+
+
+def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
+    """What tables show for the named settings: encoder (with its model), pooler, dataset, split, layer."""
+    encoder = str(settings.get("encoder.name", "?"))
+    model = settings.get("encoder.model")
+    if model:
+        encoder += ":" + str(model).removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
+    layer = layer_label if layer_label is not None else setting_text(settings.get("layer"))
+    return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": str(settings.get("dataset.name", "?")),
+            "split": str(settings.get("dataset.split", "validation")), "layer": "-" if layer in ("null", "None") else layer}
+
+
+def _texts(job: JobInfo) -> dict[str, str]:
+    return {key: setting_text(value) for key, value in job.settings.items()}
+
+
+def result_of(job: JobInfo, evaluation) -> JobResult:
+    scores = evaluation.scores
+    table = PairScoreTable([str(i) for i in scores.pairs.ids], [float(l) for l in scores.pairs.labels],
+                           [float(s) for s in scores.scores])
+    return JobResult("FINISHED", job.config_hash, _texts(job), labels_of(job.settings, evaluation.layer.label),
+                     evaluation.logged_metrics(), [m.name for m in evaluation.metrics] or list(job.config.metric.names),
+                     job.number, started=time.time(), notes=list(evaluation.notes), scores=table)
+
+
+def failed_result(job: JobInfo, status: str, error: str) -> JobResult:
+    return JobResult(status, job.config_hash, _texts(job), labels_of(job.settings), {},
+                     list(job.config.metric.get("names") or []), job.number, error=error[:4000], started=time.time())
+
+
+def choose_device(number: int | None) -> None:
+    """On a host with several GPUs, job n of a sweep uses GPU n mod count (encoders' device=auto).
+
+    A launcher that gives each job its own GPU (Ray's ``num_gpus``, SLURM's ``gpus_per_task``) leaves
+    one visible device per job, and this changes nothing.
+    """
+    import torch
+
+    if number is None or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if count > 1:
+        torch.cuda.set_device(number % count)
+
+
+def reset_peak_memory() -> None:
+    """Start a job's peak-memory window, so a multirun's jobs do not inherit each other's peaks.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets the process's peak RSS (VmHWM).
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # elsewhere the peak is the process's since start (ru_maxrss)
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory since ``reset_peak_memory``, and peak GPU memory allocated by torch."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak

@@ -1,0 +1,190 @@
+"""What a finished (or failed) job leaves behind, as plain data: the input of summaries and reports.
+
+A ``JobResult`` is written by the job itself into the sweep directory (one JSON file per job), so
+the sweep's summary never depends on another process's memory, and trackers can rebuild the same
+objects from their store for reports. Its ``metrics`` are exactly the numbers the trackers log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+# Settings that say where and how results are stored, not what was computed: left out of a job's
+# identity, so the same evaluation logged to another store (or resumed) is the same config.
+NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.")
+NON_IDENTITY_KEYS = {"resume", "data_root"}  # data_root reaches the dataset's own options, which count
+# The settings every results table shows as its own columns; others appear only where they differ.
+NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``; the ``hydra`` node is left out."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if not prefix and key == "hydra":
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def setting_text(value: Any) -> str:
+    """How a setting is written in params and tables (``None`` → ``null``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value)
+    return str(value)
+
+
+def identity(settings: dict[str, Any]) -> dict[str, str]:
+    """The settings that decide what a job computes, as text (the job's identity)."""
+    return {key: setting_text(value) for key, value in sorted(settings.items())
+            if not key.startswith(NON_IDENTITY_PREFIXES) and key not in NON_IDENTITY_KEYS}
+
+
+def config_hash(settings: dict[str, Any]) -> str:
+    """A short hash of ``identity(settings)``: equal for jobs that compute the same thing."""
+    text = json.dumps(identity(settings), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class PairScoreTable:
+    """Per-pair labels and scores of a job, keyed by pair id: enough to recompute every metric."""
+
+    ids: list[str]
+    labels: list[float]
+    scores: list[float]
+
+    def by_id(self) -> dict[str, tuple[float, float]]:
+        return {i: (l, s) for i, l, s in zip(self.ids, self.labels, self.scores)}
+
+
+@dataclass
+class JobResult:
+    """One job of a sweep (or one run read back from a tracker), reduced to plain data.
+
+    ``status``: FINISHED, FAILED or KILLED. ``origin``: ``computed`` by this job, or ``reused``
+    from an earlier finished run with the same ``config_hash`` (``resume=true``). ``label`` holds
+    what tables show for the named settings (the encoder with its model, the *resolved* layer);
+    ``settings`` is the job's whole flattened config; ``metric_names`` the metrics it was asked for,
+    in order (third-party ones included). ``run_ref`` is the tracker's id of the run.
+    """
+
+    status: str
+    config_hash: str
+    settings: dict[str, str]
+    label: dict[str, str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_names: list[str] = field(default_factory=list)
+    job: int | None = None
+    origin: str = "computed"
+    error: str = ""
+    run_ref: str = ""
+    started: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    scores: PairScoreTable | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED"
+
+    @property
+    def layer_number(self) -> int | None:
+        layer = self.label.get("layer", "-")
+        return int(layer) if layer.lstrip("-").isdigit() else None
+
+    def metric_text(self, name: str) -> str:
+        """``0.3794 [0.2912, 0.4605]``, or empty when the run has no such metric."""
+        value = self.metrics.get(name)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        low, high = self.metrics.get(f"{name}_ci_low"), self.metrics.get(f"{name}_ci_high")
+        return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobResult":
+        raw = json.loads(text)
+        scores = raw.pop("scores", None)
+        return cls(**raw, scores=PairScoreTable(**scores) if scores else None)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a concurrent reader sees the old file or the new one, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def metric_order(results: Iterable[JobResult]) -> list[str]:
+    """Every metric the results were asked for, in the order first seen (plugin metrics included)."""
+    names: list[str] = []
+    for result in results:
+        for name in result.metric_names:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def varying_settings(results: list[JobResult]) -> list[str]:
+    """Identity settings (other than the named ones) whose values differ between the results.
+
+    A plugin's option (``pooler.epochs``) varies only if it differs between results of the same
+    plugin (``pooler.name``): that other poolers lack it is already said by the pooler column.
+    """
+    identities = [identity(r.settings) for r in results]
+    keys = sorted({key for ident in identities for key in ident} - set(NAMED_SETTINGS))
+    varying = []
+    for key in keys:
+        group = key.split(".", 1)[0] + ".name" if "." in key else None
+        values: dict[str, set[str]] = {}
+        for ident in identities:
+            if group is not None and key not in ident:
+                continue
+            values.setdefault(ident.get(group, "") if group else "", set()).add(ident.get(key, ""))
+        if any(len(v) > 1 for v in values.values()):
+            varying.append(key)
+    return varying
+
+
+def newest_per_config(results: list[JobResult]) -> tuple[list[JobResult], dict[str, int]]:
+    """One result per ``config_hash`` (the newest finished one, else the newest), and how many shared it."""
+    groups: dict[str, list[JobResult]] = {}
+    for result in results:
+        groups.setdefault(result.config_hash, []).append(result)
+    chosen = []
+    for group in groups.values():
+        group.sort(key=lambda r: (r.finished, r.started))
+        chosen.append(group[-1])
+    return chosen, {h: len(g) for h, g in groups.items()}
+
+
+def finite(value: float) -> bool:
+    return value is not None and not (isinstance(value, float) and (math.isnan(value) or math.isinf(value)))
+
+
+def as_array(values: list[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)

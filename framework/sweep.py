@@ -1,0 +1,229 @@
+"""What a sweep does around its jobs, whatever Hydra launcher runs them.
+
+The driver (the process that runs ``python -m framework -m …``) starts the sweep before any job:
+it asks each tracker to record the sweep and writes the sweep's identity and the trackers' state
+(e.g. the MLflow parent run id) to ``<hydra.sweep.dir>/layerprobe-sweep.json``. Every job, in
+whatever process or machine the launcher puts it (basic, joblib, submitit, Ray), reads that file;
+nothing travels in environment variables or in the driver's memory. Each job writes its result to
+``<sweep dir>/results/<sweep id>/<job number>.json``; the driver reads them back to write the
+summary when the sweep ends, or when it is interrupted (SIGINT/SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from framework.errors import LayerprobeError
+from framework.results import JobResult, write_atomic
+
+SWEEP_FILE = "layerprobe-sweep.json"
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class SweepInfo:
+    """A sweep's identity and its trackers' state, as every worker finds it in the sweep directory."""
+
+    id: str
+    dir: str
+    overrides: list[str]
+    created: float
+    host: str
+    pid: int
+    process: str
+    trackers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: str = "RUNNING"
+
+    @property
+    def file(self) -> Path:
+        return Path(self.dir) / SWEEP_FILE
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.dir) / "results" / self.id
+
+    def save(self) -> None:
+        write_atomic(self.file, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SweepInfo | None":
+        path = Path(folder) / SWEEP_FILE
+        try:
+            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, TypeError) as error:
+            raise LayerprobeError(f"{path}: not a layerprobe sweep file ({error}); remove it or use another hydra.sweep.dir") from None
+
+    def results(self) -> list[JobResult]:
+        """Every job result written so far, by job number."""
+        found = []
+        for path in sorted(self.results_dir.glob("*.json")):
+            try:
+                found.append(JobResult.from_json(path.read_text(encoding="utf-8")))
+            except (json.JSONDecodeError, TypeError, KeyError) as error:
+                print(f"layerprobe: warning: unreadable job result {path} ({error}); left out of the summary", file=sys.stderr)
+        return sorted(found, key=lambda r: (r.job is None, r.job))
+
+    def write_result(self, result: JobResult) -> None:
+        write_atomic(self.results_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())
+
+
+@dataclass
+class JobInfo:
+    """One job as the trackers see it: its config, identity and place in a sweep (if any)."""
+
+    name: str
+    config: DictConfig
+    settings: dict[str, Any]
+    config_hash: str
+    number: int | None = None
+    sweep: SweepInfo | None = None
+
+
+def process_identity(pid: int | None = None) -> str:
+    """``host:pid:start`` — with the process's start time, so a reused pid is not mistaken for it."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{process_start_time(pid)}"
+
+
+def process_start_time(pid: int) -> str:
+    try:  # Linux: field 22 of /proc/<pid>/stat, in clock ticks since boot
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_is_alive(identity: str) -> bool | None:
+    """Whether the process ``host:pid:start`` still runs; None when it ran on another host."""
+    host, _, rest = identity.partition(":")
+    pid_text, _, start = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return None
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return not start or process_start_time(pid) == start
+
+
+# --- the driver's side ---------------------------------------------------------------------------
+
+_ACTIVE: dict[str, Any] = {}  # the sweep this driver process started and has not finished
+
+
+def sweep_dir_of(config: DictConfig) -> Path:
+    return Path(str(config.hydra.sweep.dir)).expanduser().resolve()
+
+
+def start_sweep(config: DictConfig) -> SweepInfo:
+    """Record the sweep with every tracker and write the sweep file; before any job runs."""
+    from framework.plugins import registry
+
+    folder = sweep_dir_of(config)
+    previous = SweepInfo.load(folder)
+    if previous is not None and previous.status == "RUNNING" and process_is_alive(previous.process):
+        raise LayerprobeError(f"another sweep (process {previous.process}) is running in {folder}; "
+                              "give this one its own hydra.sweep.dir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LayerprobeError(f"cannot create the sweep folder {folder} ({error.strerror}); set hydra.sweep.dir or tracking.dir "
+                              "to a writable folder") from None
+    sweep = SweepInfo(id=uuid.uuid4().hex[:12], dir=str(folder), overrides=list(config.hydra.overrides.task),
+                      created=time.time(), host=socket.gethostname(), pid=os.getpid(), process=process_identity())
+    tracker = registry().build("tracker", config.tracking)
+    from framework.stages import StaleRecovery
+
+    if isinstance(tracker, StaleRecovery):
+        stale = tracker.recover_stale()
+        if stale:
+            print(f"layerprobe: {stale} run(s) left RUNNING by killed processes are now marked KILLED", file=sys.stderr)
+    sweep.trackers[str(config.tracking.name)] = tracker.start_sweep(sweep) or {}
+    sweep.save()
+    _ACTIVE.update(sweep=sweep, config=config, tracker=tracker)
+    return sweep
+
+
+def finish_sweep(status: str | None = None) -> int:
+    """Summarise the active sweep from its job results and end it with every tracker.
+
+    ``status`` None: FINISHED, or FAILED if a job did not finish. Returns the exit code: 0,
+    1 (jobs failed) or 130 (interrupted).
+    """
+    from framework.summary import print_summary, write_summary_files
+
+    if not _ACTIVE:
+        return 0
+    sweep, config, tracker = _ACTIVE["sweep"], _ACTIVE["config"], _ACTIVE["tracker"]
+    _ACTIVE.clear()
+    results = sweep.results()
+    failed = sum(not r.finished for r in results)
+    status = status or ("FAILED" if failed else "FINISHED")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_summary_files(results, Path(folder), OmegaConf.to_container(config.get("summary") or {}, resolve=True))
+        tracker.end_sweep(sweep, results, files, status)
+        print_summary(results, files, sweep, status)
+    sweep.status = status
+    sweep.save()
+    if status == "KILLED":
+        print(f"layerprobe: sweep interrupted; {sum(r.finished for r in results)} job(s) finished, "
+              f"the rest did not run (resume=true reruns only those)", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if failed:
+        print(f"layerprobe: {failed} job(s) of this sweep did not finish; their runs carry the error", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def interrupted() -> int:
+    """After SIGINT/SIGTERM in the driver: end the active sweep (if any) as KILLED."""
+    try:
+        return finish_sweep("KILLED")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+class SweepCallback(Callback):
+    """Hydra's hooks into a multirun, in the driver: start the sweep, and finish it."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exception into a warning and runs the jobs anyway: a sweep whose
+        # parent cannot be recorded must not start, so this exits instead.
+        try:
+            start_sweep(config)
+        except LayerprobeError as error:
+            print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        code = finish_sweep()
+        if code:
+            raise SystemExit(code)
+
+
+def current_sweep() -> SweepInfo | None:
+    """In a job of a multirun: the sweep it belongs to, read from the sweep directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    return SweepInfo.load(Path(str(HydraConfig.get().sweep.dir)).expanduser().resolve())

@@ -1,0 +1,15 @@
+"""The MLflow tracker (``tracking=mlflow``, the default): a run per job, a parent run per sweep.
+
+Local use needs no server: an SQLite store under ``tracking.dir`` (created once, under a file lock,
+however many processes start at the same moment). For several machines, point every worker at one
+``mlflow server`` with ``tracking.uri=http://…``.
+"""
+
+from framework.hookspecs import hookimpl
+from plugins.mlflow.store import MLflowOptions
+from plugins.mlflow.tracker import MLflowTracker
+
+
+@hookimpl
+def register_trackers(register):
+    register("mlflow", MLflowTracker, MLflowOptions)

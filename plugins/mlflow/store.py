@@ -1,0 +1,113 @@
+"""Opening an MLflow store: the local SQLite default, a tracking server, and the errors of both.
+
+MLflow 3 puts its plain file store in maintenance mode and recommends a database backend; SQLite
+(``sqlite:///<tracking.dir>/mlflow.db``) needs no server. Creating that database runs MLflow's schema
+migrations, which race when several processes do it at once (a half-migrated database breaks every
+later run), so creation is serialised with a file lock beside the database. Artifacts of locally
+created experiments go to ``<tracking.dir>/artifacts/<experiment>/``, so everything stays there.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from framework.errors import LayerprobeError
+
+LOCK_TIMEOUT_SECONDS = 300
+
+
+@dataclass
+class MLflowOptions:
+    uri: str | None = None  # an MLflow tracking URI (http://127.0.0.1:5000, postgresql://…); null = SQLite under dir
+    dir: str = "mlruns"  # the local store: mlflow.db and artifacts/ (and, by default, the token cache and Hydra's logs)
+    experiment: str = "layerprobe"
+
+
+def local_folder(options: MLflowOptions) -> Path:
+    return Path(options.dir or "mlruns").expanduser().resolve()
+
+
+def tracking_uri(options: MLflowOptions) -> str:
+    """The configured URI, or SQLite under ``tracking.dir`` (created if needed, checked writable)."""
+    if options.uri:
+        return str(options.uri)
+    folder = local_folder(options)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LayerprobeError(f"tracking.dir={options.dir}: cannot create it ({error.strerror}); "
+                              "set tracking.dir to a writable folder or tracking.uri to an MLflow server") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LayerprobeError(f"tracking.dir={options.dir} is not writable; set tracking.dir to a writable folder "
+                              "or tracking.uri to an MLflow server")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def check_server(uri: str, timeout: float = 10.0) -> None:
+    """One request to the server's /health, so an unreachable URI is one line, not minutes of retries."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except urllib.error.HTTPError as error:
+        raise LayerprobeError(f"tracking.uri={uri}: the server answered {error.code} {error.reason} at /health; "
+                              "is it an MLflow tracking server?") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise LayerprobeError(f"tracking.uri={uri} is unreachable ({reason}); start the server (mlflow server "
+                              "--host 127.0.0.1 --port …) or fix the URI") from None
+
+
+@functools.lru_cache(maxsize=8)
+def open_store(uri: str, experiment: str, artifact_folder: str | None):
+    """``(client, experiment_id)`` for ``uri``; the experiment is created if missing (race-safe)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
+    try:
+        if uri.startswith("sqlite:///"):
+            from filelock import FileLock, Timeout
+
+            database = Path(uri.removeprefix("sqlite:///"))
+            try:
+                with FileLock(str(database) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
+                    client = MlflowClient(uri)
+                    return client, _experiment_id(client, experiment, artifact_folder)
+            except Timeout:
+                raise LayerprobeError(f"{database}: another process held its creation lock for {LOCK_TIMEOUT_SECONDS} s; "
+                                      f"remove {database}.lock if no layerprobe process is running") from None
+        client = MlflowClient(uri)
+        return client, _experiment_id(client, experiment, artifact_folder)
+    except MlflowException as error:
+        raise LayerprobeError(f"MLflow store {uri}: {(str(error).splitlines() or [''])[0][:300]}") from None
+
+
+def _experiment_id(client, name: str, artifact_folder: str | None) -> str:
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise LayerprobeError(f"MLflow experiment '{name}' is deleted; restore it (mlflow experiments restore) "
+                                  "or set tracking.experiment to another name")
+        return found.experiment_id
+    location = (Path(artifact_folder) / name).as_uri() if artifact_folder else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)  # another process created it at the same moment
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def store_for(options: MLflowOptions):
+    uri = tracking_uri(options)
+    artifacts = None if options.uri else str(local_folder(options) / "artifacts")
+    return open_store(uri, str(options.experiment or "layerprobe"), artifacts)

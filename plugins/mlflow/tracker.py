@@ -1,0 +1,272 @@
+"""The MLflow tracker: job runs, the sweep's parent run and its summary, and reading runs back.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no process-global "active run"),
+so jobs in any process nest under the parent whose id the sweep file holds.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from framework.results import JobResult, PairScoreTable, config_hash
+from framework.sweep import JobInfo, SweepInfo, process_identity, process_is_alive
+from framework.errors import LayerprobeError
+from plugins.mlflow.store import MLflowOptions, check_server, local_folder, store_for, tracking_uri
+
+NAME = "mlflow"
+VERSIONED_PACKAGES = ("layerprobe", "torch", "transformers", "numpy", "scipy", "gensim", "datasets", "mlflow", "hydra-core")
+REPOSITORY = Path(__file__).resolve().parent.parent.parent
+# Params a job logs about its input and code, not about its config (left out when reading settings back).
+RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
+RESULT_PARAM_KEYS = {"layer_index", "block_index"}
+TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
+TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
+
+
+class MLflowTracker:
+    def __init__(self, options: MLflowOptions):
+        self.options = options
+        self._runs: dict[int, str] = {}
+
+    @property
+    def client(self):
+        return store_for(self.options)[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return store_for(self.options)[1]
+
+    # --- sweeps ---------------------------------------------------------------------------------
+
+    def start_sweep(self, sweep: SweepInfo) -> dict[str, Any]:
+        overrides = " ".join(sweep.overrides)
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep: {overrides}"[:250], tags={
+            TAG_SWEEP: "true", TAG_SWEEP_ID: sweep.id, "layerprobe.sweep_dir": sweep.dir, "overrides": overrides[:5000],
+            TAG_PROCESS: sweep.process})
+        return {"parent_run_id": run.info.run_id, "experiment_id": self.experiment_id}
+
+    def end_sweep(self, sweep: SweepInfo, results: list[JobResult], files: dict[str, Path], status: str) -> None:
+        parent = self._parent(sweep)
+        if parent is None:
+            return
+        client = self.client
+        for path in files.values():
+            client.log_artifact(parent, str(path))
+        for run in self._search(f"tags.`{PARENT}` = '{parent}' and attributes.status = 'RUNNING'"):
+            client.set_tag(run.info.run_id, "error", "the sweep ended while this job was still running (interrupted or killed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+        for key, value in {"jobs": len(results), "failed_jobs": sum(r.status == "FAILED" for r in results),
+                           "killed_jobs": sum(r.status == "KILLED" for r in results),
+                           "reused_jobs": sum(r.origin == "reused" for r in results)}.items():
+            client.set_tag(parent, key, str(value))
+        client.set_terminated(parent, status)
+
+    def _parent(self, sweep: SweepInfo | None) -> str | None:
+        if sweep is None:
+            return None
+        state = sweep.trackers.get(NAME) or {}
+        if state.get("parent_run_id"):
+            return state["parent_run_id"]
+        found = self._search(f"tags.`{TAG_SWEEP_ID}` = '{sweep.id}' and tags.`{TAG_SWEEP}` = 'true'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def start_job(self, job: JobInfo) -> None:
+        tags = {TAG_HASH: job.config_hash, TAG_PROCESS: process_identity(),
+                TAG_METRICS: ",".join(map(str, job.config.metric.get("names") or []))}
+        parent = self._parent(job.sweep)
+        if parent:
+            tags.update({PARENT: parent, TAG_SWEEP_ID: job.sweep.id})
+        if job.number is not None:
+            tags[TAG_JOB] = str(job.number)
+        run = self.client.create_run(self.experiment_id, run_name=job.name, tags=tags)
+        self._runs[id(job)] = run.info.run_id
+        params = {key: _text(value) for key, value in job.settings.items()}
+        params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
+        params.update(git_state())
+        self._log_params(run.info.run_id, params)
+
+    def end_job(self, job: JobInfo, result: JobResult, evaluation) -> None:
+        run_id = self._runs.pop(id(job))
+        client = self.client
+        if evaluation is not None:
+            self._log_params(run_id, evaluation.logged_params())
+            self._log_metrics(run_id, result.metrics)
+            self._log_training_curve(run_id, evaluation.training_curve)
+            if evaluation.notes:
+                client.set_tag(run_id, "notes", " | ".join(evaluation.notes)[:5000])
+            with tempfile.TemporaryDirectory() as folder:
+                Path(folder, "config.yaml").write_text(OmegaConf.to_yaml(job.config, resolve=True))
+                write_scores_csv(evaluation.scores, Path(folder, "scores.csv"))
+                for name, tensor in evaluation.learned.items():
+                    import torch
+
+                    torch.save(tensor, Path(folder, f"{name}.pt"))
+                client.log_artifacts(run_id, folder)
+        if result.error:
+            client.set_tag(run_id, "error", result.error[:4000])
+        client.set_terminated(run_id, result.status)
+        result.run_ref = run_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, value[:6000]) for key, value in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def _log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, value, now, 0) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def _log_training_curve(self, run_id: str, curve: dict[str, list[float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(f"train.{name}", float(point), now, step) for name, points in curve.items() for step, point in enumerate(points)]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    # --- reading back ---------------------------------------------------------------------------
+
+    def find_finished(self, config_hash: str) -> JobResult | None:
+        found = self._search(f"tags.`{TAG_HASH}` = '{config_hash}' and attributes.status = 'FINISHED'",
+                             max_results=1, order_by=["attributes.start_time DESC"])
+        return result_of_run(found[0], self.client, with_scores=True) if found else None
+
+    def recover_stale(self) -> int:
+        stale = 0
+        for run in self._search("attributes.status = 'RUNNING'"):
+            process = run.data.tags.get(TAG_PROCESS)
+            if process and process_is_alive(process) is False:
+                self.client.set_tag(run.info.run_id, "error", f"stale: its process ({process}) ended without ending the run")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                stale += 1
+        return stale
+
+    def load_results(self, parent: str | None = None) -> list[JobResult]:
+        """Every job run of the experiment (or of sweep ``parent``); reading never creates a store."""
+        from mlflow.exceptions import MlflowException
+
+        self._check_readable()
+        if parent:
+            try:
+                self.client.get_run(parent)
+            except MlflowException:
+                raise LayerprobeError(f"no run '{parent}' in {tracking_uri(self.options)}; give the id of a sweep's parent run") from None
+        query = f"tags.`{PARENT}` = '{parent}'" if parent else ""
+        runs = self._search(query)
+        return [result_of_run(run, self.client) for run in runs
+                if run.data.tags.get(TAG_SWEEP) != "true" and "encoder.name" in run.data.params]
+
+    def _check_readable(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(self.options) if self.options.uri else None
+        if uri is None:
+            database = local_folder(self.options) / "mlflow.db"
+            if not database.is_file():
+                raise LayerprobeError(f"no MLflow store at {database}; run a job first, or set the tracking dir/URI")
+            uri = f"sqlite:///{database}"
+        elif uri.startswith(("http://", "https://")):
+            check_server(uri)
+        client = MlflowClient(uri)
+        if client.get_experiment_by_name(self.options.experiment) is None:
+            known = ", ".join(e.name for e in client.search_experiments()) or "none"
+            raise LayerprobeError(f"no MLflow experiment '{self.options.experiment}' in {uri} (experiments there: {known})")
+
+    def _search(self, query: str, max_results: int = 50000, order_by=None):
+        from mlflow.entities import ViewType
+
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], query, ViewType.ACTIVE_ONLY,
+                                           max_results=min(max_results, 1000), order_by=order_by, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token or len(runs) >= max_results:
+                return runs[:max_results]
+
+
+def result_of_run(run, client, with_scores: bool = False) -> JobResult:
+    """A run read back as the ``JobResult`` its job produced (scores downloaded on request)."""
+    from framework.job import labels_of
+
+    params, tags = run.data.params, run.data.tags
+    settings = {key: value for key, value in params.items()
+                if not key.startswith(RESULT_PARAM_PREFIXES) and key not in RESULT_PARAM_KEYS}
+    names = [n for n in tags.get(TAG_METRICS, "").split(",") if n]
+    if not names:  # runs from before the tag: the metrics that have a CI
+        names = [key.removesuffix("_ci_low") for key in run.data.metrics if key.endswith("_ci_low")]
+    job = tags.get(TAG_JOB, "")
+    result = JobResult(run.info.status, tags.get(TAG_HASH) or config_hash(settings), settings,
+                       labels_of(settings, params.get("layer_index")), dict(run.data.metrics), names,
+                       int(job) if job.isdigit() else None, error=tags.get("error", ""), run_ref=run.info.run_id,
+                       started=(run.info.start_time or 0) / 1000, notes=[n for n in tags.get("notes", "").split(" | ") if n])
+    if with_scores:
+        result.scores = read_scores(client, run.info.run_id)
+    return result
+
+
+def write_scores_csv(scores, path: Path) -> None:
+    """Per pair: id, both sentences, label and score at full precision (``repr``), so every metric
+    can be recomputed from the file."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "sentence_a", "sentence_b", "label", "score"])
+        for pair_id, a, b, label, score in scores.rows():
+            label = float(label)
+            writer.writerow([pair_id, a, b, int(label) if label.is_integer() else repr(label), repr(float(score))])
+
+
+def read_scores(client, run_id: str) -> PairScoreTable | None:
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "scores.csv", folder)
+        except Exception:  # an older or failed run without scores: nothing to compare
+            return None
+        ids, labels, scores = [], [], []
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                ids.append(row["id"])
+                labels.append(float(row["label"]))
+                scores.append(float(row["score"]))
+    return PairScoreTable(ids, labels, scores)
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else ("null" if value is None else str(value))
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_state() -> dict[str, str]:
+    """Commit of the layerprobe checkout that ran, and whether it had uncommitted changes."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(REPOSITORY), *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else False
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", False
+    return {"git_commit": commit or "unknown", "git_dirty": str(dirty)}
