@@ -226,4 +226,12 @@ def current_sweep() -> SweepInfo | None:
 
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return None
-    return SweepInfo.load(Path(str(HydraConfig.get().sweep.dir)).expanduser().resolve())
+    folder = Path(str(HydraConfig.get().sweep.dir)).expanduser().resolve()
+    found = SweepInfo.load(folder)
+    if found is None:
+        # A worker that does not share the driver's filesystem: trackers find the sweep by its
+        # folder's name (the driver recorded it); its result file stays on this machine.
+        print(f"layerprobe: warning: no {SWEEP_FILE} in {folder} on this machine; put hydra.sweep.dir on a filesystem "
+              "every worker shares, or the sweep summary will lack this job", file=sys.stderr, flush=True)
+        found = SweepInfo(id="", dir=str(folder), overrides=[], created=0.0, host="", pid=0, process="")
+    return found

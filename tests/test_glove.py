@@ -9,6 +9,8 @@ from framework.errors import LayerprobeError
 from plugins.glove import GloveEncoder, GloveOptions
 from plugins.pooling import MeanPooler
 
+from conftest import WORDS
+
 
 def encode_all(encoder, sentences):
     batches = list(encoder.encode(sentences, Layer()))
@@ -75,3 +77,52 @@ def test_default_vectors_are_glove_6b_50d_from_the_kumo_package():
     the = vectors.matrix[vectors.index["the"]]
     assert torch.allclose(the[:3], torch.tensor([0.418, 0.24968, -0.41242]))
     assert torch.equal(vectors.matrix[vectors.zero_row], torch.zeros(50))
+
+
+class _RunsCode:
+    """What a crafted pickle does: call a function of the attacker's choosing when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_kv_file_is_refused_unless_trusted(tmp_path, tiny_vectors):
+    import pickle
+
+    from gensim.models import KeyedVectors
+
+    from framework.errors import LayerprobeError
+    from plugins.glove import GloveEncoder, GloveOptions
+
+    crafted, marker = tmp_path / "crafted.kv", tmp_path / "code-ran"
+    crafted.write_bytes(pickle.dumps(_RunsCode(marker)))
+    with pytest.raises(LayerprobeError, match="is a pickled gensim file, and loading a pickle can run code"):
+        GloveEncoder(GloveOptions(vectors=str(crafted)))
+    assert not marker.exists()
+
+    genuine = tmp_path / "genuine.kv"
+    KeyedVectors.load_word2vec_format(str(tiny_vectors), no_header=True).save(str(genuine))
+    trusted = GloveEncoder(GloveOptions(vectors=str(genuine), trust_pickle=True))
+    assert trusted.vectors.matrix.shape == (len(WORDS) + 1, 8)
+
+
+def test_npy_vectors_with_a_vocabulary_file(tmp_path):
+    import numpy as np
+
+    from framework.errors import LayerprobeError
+    from plugins.glove import GloveEncoder, GloveOptions
+
+    matrix = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.save(tmp_path / "v.npy", matrix)
+    (tmp_path / "words.txt").write_text("cat\ndog\nmat\n", encoding="utf-8")
+    encoder = GloveEncoder(GloveOptions(vectors=str(tmp_path / "v.npy"), vocabulary=str(tmp_path / "words.txt")))
+    (batch,) = encoder.encode(["dog mat"], encoder.resolve_layer(None))
+    assert batch.states[0].tolist() == [matrix[1].tolist(), matrix[2].tolist()]
+    with pytest.raises(LayerprobeError, match="set encoder.vocabulary"):
+        GloveEncoder(GloveOptions(vectors=str(tmp_path / "v.npy")))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(LayerprobeError, match="not a plain numeric .npy matrix"):
+        GloveEncoder(GloveOptions(vectors=str(tmp_path / "objects.npy"), vocabulary=str(tmp_path / "words.txt"))).vectors

@@ -246,3 +246,22 @@ def test_attention_pooler_trains_on_rwkv_states(world_pth):
     curve = AttentionPooler(AttentionOptions(epochs=3, held_out_fraction=0.34)).fit(
         token_states_of(pairs, encoder, encoder.resolve_layer(2)), seed=0)
     assert len(curve["loss"]) >= 1
+
+
+def test_a_legacy_pth_gets_a_conversion_message_and_the_converter_works(tmp_path, tiny_pth):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save(torch.load(tiny_pth), legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(LayerprobeError, match=r"legacy \(non-zip\) format.*python -m plugins.rwkv.convert") as error:
+        load_checkpoint(str(legacy))
+    assert "\n" not in str(error.value)
+    converted = tmp_path / "legacy.safetensors"
+    done = subprocess.run([sys.executable, "-m", "plugins.rwkv.convert", str(legacy), str(converted)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    cu = torch.tensor([0, len(TOKENS)])
+    assert torch.equal(ours(converted).hidden_state(TOKENS, cu, 2), ours(tiny_pth).hidden_state(TOKENS, cu, 2))

@@ -231,9 +231,9 @@ class ServerResult(CliResult):
 
 
 def test_sweeps_started_together_against_an_mlflow_server(mlflow_server, tmp_path, tiny_mrpc, tiny_vectors):
-    processes = start_sweeps(3, [f"tracking.uri={mlflow_server}", f"tracking.dir={tmp_path / 'local'}"],
+    processes = start_sweeps(4, [f"tracking.uri={mlflow_server}", f"tracking.dir={tmp_path / 'local'}"],
                              ["pooler=mean,max", *tiny_args(tiny_mrpc, tiny_vectors)], tmp_path)
-    assert_sweeps_complete(processes, ServerResult(mlflow_server), sweeps=3, jobs=2)
+    assert_sweeps_complete(processes, ServerResult(mlflow_server), sweeps=4, jobs=2)
     assert not (tmp_path / "local" / "mlflow.db").exists()  # nothing went to a local store
 
 
@@ -484,3 +484,16 @@ print(dict(cached.stats))
     processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = sorted(p.communicate(timeout=120)[0].strip() for p in processes)
     assert outputs == ["{'cache_hits': 1}", "{'cache_misses': 1}"]
+
+
+def test_a_worker_without_the_sweep_file_still_finds_the_parent(tmp_path):
+    """A job on a machine that does not share the sweep folder looks the parent up by the folder's name."""
+    from framework.sweep import SweepInfo
+    from plugins.mlflow.store import MLflowOptions
+    from plugins.mlflow.tracker import MLflowTracker
+
+    tracker = MLflowTracker(MLflowOptions(dir=str(tmp_path / "mlruns")))
+    sweep = SweepInfo("abc123", str(tmp_path / "sweep"), ["pooler=mean,max"], time.time(), "host", 1, "host:1:")
+    parent = tracker.start_sweep(sweep)["parent_run_id"]
+    stand_in = SweepInfo("", sweep.dir, [], 0.0, "", 0, "")
+    assert tracker._parent(stand_in) == parent

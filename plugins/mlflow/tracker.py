@@ -75,8 +75,13 @@ class MLflowTracker:
         state = sweep.trackers.get(NAME) or {}
         if state.get("parent_run_id"):
             return state["parent_run_id"]
-        found = self._search(f"tags.`{TAG_SWEEP_ID}` = '{sweep.id}' and tags.`{TAG_SWEEP}` = 'true'", max_results=1)
-        return found[0].info.run_id if found else None
+        query = f"tags.`{TAG_SWEEP_ID}` = '{sweep.id}'" if sweep.id else f"tags.`layerprobe.sweep_dir` = '{sweep.dir}'"
+        found = self._search(f"{query} and tags.`{TAG_SWEEP}` = 'true'", max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            state = sweep.trackers.setdefault(NAME, {})
+            state["parent_run_id"] = found[0].info.run_id
+            return state["parent_run_id"]
+        return None
 
     # --- jobs -----------------------------------------------------------------------------------
 
@@ -85,7 +90,7 @@ class MLflowTracker:
                 TAG_METRICS: ",".join(map(str, job.config.metric.get("names") or []))}
         parent = self._parent(job.sweep)
         if parent:
-            tags.update({PARENT: parent, TAG_SWEEP_ID: job.sweep.id})
+            tags.update({PARENT: parent, TAG_SWEEP_ID: job.sweep.id or self.client.get_run(parent).data.tags.get(TAG_SWEEP_ID, "")})
         if job.number is not None:
             tags[TAG_JOB] = str(job.number)
         run = self.client.create_run(self.experiment_id, run_name=job.name, tags=tags)
