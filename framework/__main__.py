@@ -12,7 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import LayerprobeError
-from framework.plugins import GROUPS, HARNESS_DATASET_OPTIONS, KINDS, Registry, registry, unknown_name_message
+from framework.plugins import GROUPS, HARNESS_OPTIONS, KINDS, Registry, registry, unknown_name_message
 
 _SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
 # A source checkout or editable install reads the top-level conf/; a wheel ships it as framework/conf.
@@ -26,7 +26,7 @@ def register_plugin_configs(plugins: Registry) -> None:
 
     Names with a YAML file in ``conf/`` (the built-ins, whose YAML documents their options) are
     left to that file; third-party plugins need none. Datasets also get the harness-owned options
-    ``split`` and ``limit``.
+    ``split`` and ``limit``, post-processors ``train_split`` and ``train_limit``.
     """
     store = ConfigStore.instance()
     for kind in KINDS:
@@ -34,11 +34,9 @@ def register_plugin_configs(plugins: Registry) -> None:
         for name, component in plugins.components[kind].items():
             if (CONF_DIR / group / f"{name}.yaml").is_file():
                 continue
-            node = OmegaConf.to_container(OmegaConf.structured(component.schema))
-            if kind == "dataset":
-                node = {**HARNESS_DATASET_OPTIONS, **node}
-                if "data_root" in node:
-                    node["data_root"] = "${data_root}"
+            node = {**HARNESS_OPTIONS.get(kind, {}), **OmegaConf.to_container(OmegaConf.structured(component.schema))}
+            if kind == "dataset" and "data_root" in node:
+                node["data_root"] = "${data_root}"
             store.store(group=group, name=name, node={"name": name, **node}, provider=component.plugin)
 
 

@@ -9,13 +9,18 @@ import numpy as np
 import torch
 
 
+LABEL_KINDS = ("binary", "graded")
+
+
 @dataclass
 class PairSet:
     """Sentence pairs of one split, and an account of every row that was read.
 
     ``rows_read == len(self) + sum(skipped.values())``: a row is either here or counted in
     ``skipped`` under its reason. ``notes`` counts rows kept with a caveat (e.g. bytes that were not
-    valid UTF-8, decoded with replacement characters).
+    valid UTF-8, decoded with replacement characters). ``label_kind`` is ``binary`` (0/1: paraphrase
+    or not) or ``graded`` (a similarity score, e.g. STS-B's 0–5); metrics that need binary labels
+    are not computed on graded ones.
     """
 
     dataset: str
@@ -28,8 +33,11 @@ class PairSet:
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     source: str = ""
+    label_kind: str = "binary"
 
     def __post_init__(self) -> None:
+        if self.label_kind not in LABEL_KINDS:
+            raise ValueError(f"PairSet.label_kind must be one of {LABEL_KINDS}")
         n = len(self.ids)
         if not (len(self.sentences_a) == len(self.sentences_b) == len(self.labels) == n):
             raise ValueError("PairSet columns differ in length")
@@ -147,6 +155,15 @@ class PairScores:
         for i in range(len(self.pairs)):
             p = self.pairs
             yield p.ids[i], p.sentences_a[i], p.sentences_b[i], p.labels[i], float(self.scores[i])
+
+
+@dataclass
+class SentenceVectors:
+    """The vectors that the similarity compares (pooled, then post-processed), one per distinct
+    sentence of the evaluated split: what metrics that look at the embedding space receive."""
+
+    sentences: list[str]
+    vectors: torch.Tensor
 
 
 @dataclass

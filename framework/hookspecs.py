@@ -41,11 +41,24 @@ def register_poolers(register):
 
 
 @hookspec
+def register_postprocessors(register):
+    """Add post-processors of pooled vectors: ``register(name, factory, schema)``; ``postprocess=<name>``.
+
+    ``factory(options)`` returns a ``framework.stages.PostProcessor``: ``fit(train_vectors, seed)``
+    learns statistics from the pooled vectors of the train split's distinct sentences (the
+    evaluated split is never seen while fitting) and returns what to log as the run's artifact
+    (name → tensor); ``transform(vectors) -> vectors`` is then applied to both sentences of every
+    evaluated pair, before the cosine. ``needs_fit = False`` for one that learns nothing.
+    """
+
+
+@hookspec
 def register_datasets(register):
     """Add datasets of sentence pairs: ``register(name, factory, schema)``.
 
     ``factory(options)`` returns a ``framework.stages.Dataset``: ``splits`` (the names it can load)
-    and ``load(split, limit) -> PairSet``, which accounts for every row it read. ``split`` and
+    and ``load(split, limit) -> PairSet``, which accounts for every row it read and says whether
+    its labels are ``binary`` or ``graded`` (``PairSet.label_kind``). ``split`` and
     ``limit`` are options the harness owns for every dataset (``dataset.split``, default
     ``validation``; ``dataset.limit``, default null = all rows): a schema need not declare them,
     and the harness passes them to ``load``.
@@ -54,12 +67,17 @@ def register_datasets(register):
 
 @hookspec
 def register_metrics(register):
-    """Add metrics: ``register(name, function, calibrated=False)``.
+    """Add metrics: ``register(name, function, calibrated=False, inputs="scores", labels="any")``.
 
-    ``function(scores, labels) -> float`` scores one split; the harness adds a bootstrap CI.
-    With ``calibrated=True`` it is ``function(scores, labels, threshold)``: the harness picks the
-    threshold that maximises it on the calibration (train) split and applies it to the evaluated
-    split. Every registered metric named in ``metric.names`` shows in summaries, plots and reports.
+    ``inputs="scores"``: ``function(scores, labels) -> float`` scores one split's pairs; the
+    harness adds a bootstrap CI. With ``calibrated=True`` it is ``function(scores, labels,
+    threshold)``: the harness picks the threshold that maximises it on the calibration (train)
+    split and applies it to the evaluated split. ``labels="binary"``: the metric means something
+    only for 0/1 labels, and is left out (with a note) on graded data such as STS-B.
+    ``inputs="vectors"``: ``function(vectors: framework.data.SentenceVectors, seed) -> float``
+    looks at the embedding space itself (the evaluated split's distinct sentences, as the cosine
+    sees them), e.g. anisotropy; no CI. Every metric named in ``metric.names`` shows in summaries,
+    plots and reports.
     """
 
 

@@ -1,4 +1,8 @@
-"""The configured set of metrics: values, seeded bootstrap CIs, train-calibrated thresholds."""
+"""The configured set of metrics: values, seeded bootstrap CIs, train-calibrated thresholds.
+
+Which metrics apply depends on the evaluated data: binary-label metrics are left out on graded
+labels (with a note), and metrics of the embedding space get the vectors, not the pair scores.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
-from framework.data import MetricValue, PairScores
+from framework.data import MetricValue, PairScores, SentenceVectors
 from framework.errors import LayerprobeError
 from framework.plugins import Metric, Registry
 
@@ -36,16 +40,34 @@ class MetricSet:
         return cls([registry.metric(n) for n in names], resamples, confidence,
                    config.get("calibration_split"), config.get("calibration_limit"))
 
+    def for_labels(self, label_kind: str) -> tuple["MetricSet", list[str]]:
+        """The metrics that mean something for ``label_kind`` labels, and a note about the others."""
+        if label_kind == "binary":
+            return self, []
+        kept = [m for m in self.metrics if m.labels != "binary"]
+        dropped = [m.name for m in self.metrics if m.labels == "binary"]
+        notes = [f"{', '.join(dropped)} need binary labels: not computed on {label_kind} labels (no made-up threshold)"] if dropped else []
+        return MetricSet(kept, self.resamples, self.confidence, self.calibration_split, self.calibration_limit), notes
+
     @property
     def needs_calibration(self) -> bool:
         return self.calibration_split is not None and any(m.calibrated for m in self.metrics)
 
-    def compute(self, evaluated: PairScores, calibration: PairScores | None, seed: int) -> list[MetricValue]:
+    @property
+    def needs_vectors(self) -> bool:
+        return any(m.inputs == "vectors" for m in self.metrics)
+
+    def compute(self, evaluated: PairScores, calibration: PairScores | None, seed: int,
+                vectors: SentenceVectors | None = None) -> list[MetricValue]:
         """Every metric on the evaluated pairs; all resample the same seeded bootstrap indices."""
         scores, labels = evaluated.scores, evaluated.pairs.labels
         samples = np.random.default_rng(seed).integers(0, len(scores), size=(self.resamples, len(scores)))
         values = []
         for metric in self.metrics:
+            if metric.inputs == "vectors":
+                if vectors is not None:
+                    values.append(MetricValue(metric.name, float(metric.function(vectors, seed))))
+                continue
             if metric.calibrated:
                 if calibration is None:
                     continue  # no calibration split configured: logged as a note by the caller

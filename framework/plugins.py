@@ -15,11 +15,15 @@ from framework import hookspecs
 from framework.errors import LayerprobeError
 
 PROJECT = "layerprobe"
-KINDS = ("encoder", "pooler", "dataset", "tracker")
+KINDS = ("encoder", "pooler", "postprocessor", "dataset", "tracker")
 # The Hydra config group of each kind (``tracking=mlflow`` picks a tracker).
-GROUPS = {"encoder": "encoder", "pooler": "pooler", "dataset": "dataset", "tracker": "tracking"}
-# Options the harness owns for every dataset, whether or not its schema declares them.
-HARNESS_DATASET_OPTIONS = {"split": "validation", "limit": None}
+GROUPS = {"encoder": "encoder", "pooler": "pooler", "postprocessor": "postprocess", "dataset": "dataset", "tracker": "tracking"}
+# Options the harness owns for every plugin of a kind, whether or not its schema declares them.
+HARNESS_OPTIONS = {
+    "dataset": {"split": "validation", "limit": None},  # passed to load(split, limit)
+    "postprocessor": {"train_split": "train", "train_limit": None},  # the pairs fit() sees
+}
+HARNESS_DATASET_OPTIONS = HARNESS_OPTIONS["dataset"]
 BUILTIN_MODULES = (
     "plugins.mlflow",
     "plugins.glue",
@@ -28,7 +32,10 @@ BUILTIN_MODULES = (
     "plugins.hf",
     "plugins.pooling",
     "plugins.attention_pooling",
+    "plugins.postprocess",
+    "plugins.pairs",
     "plugins.metrics",
+    "plugins.diagnostics",
 )
 
 
@@ -46,11 +53,10 @@ class Component:
         """Validate ``config`` against the schema; returns a schema instance, or a one-line error."""
         raw = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
         raw.pop("name", None)
-        if self.kind == "dataset":  # split/limit are the harness's, passed to load(); not the schema's
-            declared = {f.name for f in dataclasses.fields(self.schema)}
-            for key in HARNESS_DATASET_OPTIONS:
-                if key not in declared:
-                    raw.pop(key, None)
+        declared = {f.name for f in dataclasses.fields(self.schema)}
+        for key in HARNESS_OPTIONS.get(self.kind, {}):  # the harness's, not the schema's
+            if key not in declared:
+                raw.pop(key, None)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(self.schema), raw)
             return OmegaConf.to_object(merged)
@@ -63,12 +69,21 @@ class Component:
         return self.factory(self.options(config))
 
 
+METRIC_INPUTS = ("scores", "vectors")
+METRIC_LABELS = ("any", "binary")
+
+
 @dataclass(frozen=True)
 class Metric:
+    """A registered metric. ``inputs``: ``scores`` (per-pair scores and labels) or ``vectors`` (the
+    evaluated sentences' vectors); ``labels``: ``binary`` if it only means something for 0/1 labels."""
+
     name: str
     function: Callable[..., float]
     calibrated: bool
     plugin: str
+    inputs: str = "scores"
+    labels: str = "any"
 
 
 class Registry:
@@ -95,10 +110,15 @@ class Registry:
             raise LayerprobeError(f"{kind} '{name}' is registered twice (by {existing.plugin} and {plugin}); uninstall one")
         self.components[kind][name] = Component(kind, name, factory, schema, plugin)
 
-    def _add_metric(self, plugin: str, name: str, function: Callable, calibrated: bool = False) -> None:
+    def _add_metric(self, plugin: str, name: str, function: Callable, calibrated: bool = False,
+                    inputs: str = "scores", labels: str = "any") -> None:
         if name in self.metrics:
             raise LayerprobeError(f"metric '{name}' is registered twice (by {self.metrics[name].plugin} and {plugin}); uninstall one")
-        self.metrics[name] = Metric(name, function, calibrated, plugin)
+        if inputs not in METRIC_INPUTS or labels not in METRIC_LABELS:
+            raise TypeError(f"plugin {plugin}: metric '{name}': inputs must be one of {METRIC_INPUTS}, labels one of {METRIC_LABELS}")
+        if calibrated and inputs != "scores":
+            raise TypeError(f"plugin {plugin}: metric '{name}': only score metrics can be calibrated")
+        self.metrics[name] = Metric(name, function, calibrated, plugin, inputs, labels)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.metrics if kind == "metric" else self.components[kind])

@@ -1,11 +1,11 @@
 """``python -m framework.report``: the layer-wise table and plot, rebuilt from a tracker's records.
 
-Rows are encoder/pooler/dataset plus every other setting that differs between the runs (so runs
+Rows are encoder/pooler/dataset (and metric, when several are asked for) plus every other setting that differs between the runs (so runs
 that differ in tokenizer, limit or seed are never merged); columns are layers, cells the metric
 with its 95% CI, then time per pair and peak memory. Of several runs with the same config, the
 newest finished one is shown and the ``runs`` column says how many there were.
 
-    python -m framework.report [--experiment layerprobe] [--parent RUN_ID] [--metric spearman] [--out DIR]
+    python -m framework.report [--experiment layerprobe] [--parent RUN_ID] [--metric spearman[,anisotropy,…]] [--out DIR]
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from framework.errors import LayerprobeError
 from framework.results import JobResult, identity, newest_per_config, varying_settings
 
 
-def layer_table(results: list[JobResult], metric: str, shared: dict[str, int] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Rows (encoder, pooler, dataset, differing settings) × columns layers, then cost and run counts."""
+def layer_table(results: list[JobResult], metrics: list[str], shared: dict[str, int] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Rows (encoder, pooler, dataset, differing settings, metric) × columns layers, then cost and run counts."""
     shared = shared or {}
-    finished = [r for r in results if r.finished and metric in r.metrics]
+    finished = [r for r in results if r.finished and any(m in r.metrics for m in metrics)]
     extra = [key for key in varying_settings(finished) if key != "layer"]
     layers = sorted({r.label["layer"] for r in finished}, key=lambda l: (l != "-", int(l) if l.lstrip("-").isdigit() else 0))
     groups: dict[tuple, dict[str, JobResult]] = {}
@@ -30,36 +30,49 @@ def layer_table(results: list[JobResult], metric: str, shared: dict[str, int] | 
         key = (result.label["encoder"], result.label["pooler"], f"{result.label['dataset']}/{result.label['split']}",
                *(settings.get(k, "") for k in extra))
         groups.setdefault(key, {})[result.label["layer"]] = result
-    header = ["encoder", "pooler", "dataset", *extra, *(f"layer {l}" for l in layers), "ms_per_pair", "peak_memory_mb", "runs"]
+    several = len(metrics) > 1
+    header = ["encoder", "pooler", "dataset", *extra, *(["metric"] if several else []), *(f"layer {l}" for l in layers),
+              "ms_per_pair", "peak_memory_mb", "runs"]
     body = []
     for key, by_layer in sorted(groups.items()):
         runs = list(by_layer.values())
         per_pair = [1000 / r.metrics["pairs_per_second"] for r in runs if r.metrics.get("pairs_per_second")]
         memory = [m for r in runs if (m := r.metrics.get("peak_gpu_memory_mb", r.metrics.get("peak_rss_mb"))) is not None]
         repeats = [shared.get(r.config_hash, 1) for r in runs]
-        body.append([*key, *(by_layer[l].metric_text(metric) if l in by_layer else "" for l in layers),
-                     f"{sum(per_pair) / len(per_pair):.4f}" if per_pair else "", f"{max(memory):.0f}" if memory else "",
-                     str(len(runs)) + (f" (+{sum(repeats) - len(repeats)} older with the same config)" if sum(repeats) > len(repeats) else "")])
+        cost = [f"{sum(per_pair) / len(per_pair):.4f}" if per_pair else "", f"{max(memory):.0f}" if memory else "",
+                str(len(runs)) + (f" (+{sum(repeats) - len(repeats)} older with the same config)" if sum(repeats) > len(repeats) else "")]
+        for metric in metrics:
+            if not any(metric in r.metrics for r in runs):
+                continue
+            body.append([*key, *([metric] if several else []),
+                         *(by_layer[l].metric_text(metric) if l in by_layer else "" for l in layers), *cost])
     return header, body
 
 
-def build_report(tracker, parent: str | None, metric: str, out: Path, description: str = "the store") -> str:
-    """The report of ``tracker``'s runs (or of the sweep ``parent``): Markdown, CSV and PNG in ``out``."""
+def build_report(tracker, parent: str | None, metric: str | list[str], out: Path, description: str = "the store") -> str:
+    """The report of ``tracker``'s runs (or of the sweep ``parent``): Markdown, CSV and PNG in ``out``.
+
+    ``metric``: one name or several (a comma-separated string or a list): rows per metric, one
+    plot panel each.
+    """
     from framework.stages import ReportSource
     from framework.summary import markdown, plot_metrics_by_layer, write_csv
 
+    metrics = [m.strip() for m in metric.split(",")] if isinstance(metric, str) else list(metric)
     if not isinstance(tracker, ReportSource):
         raise LayerprobeError("this tracker cannot read its runs back for a report; use tracking=mlflow")
     results = tracker.load_results(parent)
     newest, shared = newest_per_config(results)
-    if not any(r.finished and metric in r.metrics for r in newest):
-        raise LayerprobeError(f"{description}{f' (parent {parent})' if parent else ''} has no finished run with '{metric}'")
-    header, body = layer_table(newest, metric, shared)
+    missing = [m for m in metrics if not any(r.finished and m in r.metrics for r in newest)]
+    if missing:
+        raise LayerprobeError(f"{description}{f' (parent {parent})' if parent else ''} has no finished run with "
+                              f"{', '.join(map(repr, missing))}")
+    header, body = layer_table(newest, metrics, shared)
     table = markdown(header, body)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table, encoding="utf-8")
     write_csv(header, body, out / "report.csv")
-    plot_metrics_by_layer([r for r in newest if r.finished], out / "report.png")
+    plot_metrics_by_layer([r for r in newest if r.finished], out / "report.png", metrics)
     duplicates = sum(count - 1 for count in shared.values())
     if duplicates:
         table += f"\n{duplicates} older run(s) repeat a config shown here; each row shows the newest.\n"
@@ -70,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m framework.report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="layerprobe")
     parser.add_argument("--parent", help="only the jobs of this sweep (its parent run id)")
-    parser.add_argument("--metric", default="spearman")
+    parser.add_argument("--metric", default="spearman", help="a metric, or several: spearman,anisotropy,effective_rank")
     parser.add_argument("--tracker", default="mlflow", help="the tracker whose records are read (tracking=… of the runs)")
     parser.add_argument("--tracking-uri", help="e.g. http://127.0.0.1:5000; default: sqlite:///<tracking-dir>/mlflow.db")
     parser.add_argument("--tracking-dir", default="mlruns")

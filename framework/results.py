@@ -20,7 +20,7 @@ import numpy as np
 
 # Settings that say where and how results are stored, not what was computed: left out of a job's
 # identity, so the same evaluation logged to another store (or resumed) is the same config.
-NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.")
+NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.", "error_analysis.")
 NON_IDENTITY_KEYS = {"resume", "data_root"}  # data_root reaches the dataset's own options, which count
 # The settings every results table shows as its own columns; others appear only where they differ.
 NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
@@ -159,7 +159,7 @@ def varying_settings(results: list[JobResult]) -> list[str]:
     keys = sorted({key for ident in identities for key in ident} - set(NAMED_SETTINGS))
     varying = []
     for key in keys:
-        group = key.split(".", 1)[0] + ".name" if "." in key else None
+        group = key.split(".", 1)[0] + ".name" if "." in key and not key.endswith(".name") else None
         values: dict[str, set[str]] = {}
         for ident in identities:
             if group is not None and key not in ident:

@@ -1,4 +1,4 @@
-"""One evaluation, in one direction: dataset → encoder → pooler → cosine → metrics.
+"""One evaluation, in one direction: dataset → encoder → pooler → post-process → cosine → metrics.
 
 Tracking is not done here: ``evaluate`` returns an ``Evaluation``; ``framework.job`` hands it to
 the configured trackers.
@@ -17,21 +17,26 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework.cache import CachedEncoder, TokenStateCache
-from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, TokenStates
+from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
 from framework.plugins import Registry
-from framework.stages import LearnedPooler, cache_token_states, learned_tensors
+from framework.stages import LearnedPooler, cache_token_states, learned_tensors, needs_fit
 
 
 @dataclass
 class Embedding:
-    """Pooled vectors of a list of sentences, and what it cost to make them."""
+    """Pooled vectors of a list of sentences, and what it cost to make them.
+
+    ``compared`` are the vectors the cosine compares (after any post-processing).
+    """
 
     vectors: torch.Tensor
     encoder_counts: Counter
     encode_seconds: float
     pool_seconds: float
+    sentences: list[str] = field(default_factory=list)
+    compared: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +53,7 @@ class Evaluation:
     learned: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
+    mistakes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def pairs(self) -> PairSet:
@@ -71,6 +77,7 @@ class Evaluation:
         """What the job found out about its input: row accounting, data source, resolved layer."""
         params = {f"data.{key}": value for key, value in self.pairs.counts().items()}
         params["data.source"] = self.pairs.source
+        params["data.label_kind"] = self.pairs.label_kind
         params["layer_index"] = self.layer.label  # "-" for encoders without layers
         params["block_index"] = "-" if self.layer.block is None else self.layer.block
         if self.calibration is not None:
@@ -86,6 +93,7 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     if cfg.get("cache") and cfg.cache.get("enabled", True) and cache_token_states(encoder):
         encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
     pooler = registry.build("pooler", cfg.pooler)
+    postprocessor = registry.build("postprocessor", cfg.postprocess) if cfg.get("postprocess") else None
     metric_set = MetricSet.from_config(cfg.metric, registry)
     layer = encoder.resolve_layer(cfg.get("layer"))
     split = cfg.dataset.get("split", "validation")
@@ -100,7 +108,7 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     if not len(pairs):
         raise LayerprobeError(f"{pairs.dataset}/{split} has no labelled pair to evaluate ({pairs.rows_read} rows read, skipped: {dict(pairs.skipped)})")
 
-    notes: list[str] = []
+    metric_set, notes = metric_set.for_labels(pairs.label_kind)
     training_curve: dict[str, list[float]] = {}
     learned: dict[str, Any] = {}
     if isinstance(pooler, LearnedPooler):
@@ -108,6 +116,23 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
         train = _load_other_split(dataset, train_split, cfg.pooler.get("train_limit"), "pooler.train_split")
         training_curve = pooler.fit(token_states_of(train, encoder, layer), int(cfg.seed)) or {}
         learned = learned_tensors(pooler)
+    if postprocessor is not None and needs_fit(postprocessor):
+        option = "postprocess.train_split"
+        fit_split = cfg.postprocess.get("train_split", "train")
+        if fit_split == split:
+            raise LayerprobeError(f"{option}={fit_split} is the evaluated split; post-processing must be fit on another "
+                                  "(e.g. postprocess.train_split=train)")
+        fit_pairs = _load_other_split(dataset, fit_split, cfg.postprocess.get("train_limit"), option)
+        # Statistics of the sentences as the pairs hold them (both sides, repeats kept, as in
+        # BERT-whitening); each distinct sentence is still encoded once.
+        fit_sentences, fit_a, fit_b = fit_pairs.unique_sentences()
+        fit_vectors = embed(fit_sentences, encoder, pooler, layer).vectors
+        fitted = postprocessor.fit(torch.cat([fit_vectors[fit_a], fit_vectors[fit_b]]), int(cfg.seed)) or {}
+        learned.update({f"postprocess_{cfg.postprocess.name}": fitted} if fitted else {})
+        notes.append(f"postprocess={cfg.postprocess.name} fit on the {2 * len(fit_pairs)} sentences of "
+                     f"{len(fit_pairs)} {fit_pairs.dataset}/{fit_split} pairs")
+    else:
+        postprocessor = None
 
     calibration = None
     if metric_set.needs_calibration and metric_set.calibration_split not in dataset.splits:
@@ -116,14 +141,16 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
         calibration_pairs = _load_other_split(dataset, metric_set.calibration_split, metric_set.calibration_limit, "metric.calibration_split")
         if calibration_pairs.split == split:
             notes.append(f"thresholds fit on the evaluated split itself ({split}): in-sample accuracy/F1")
-        calibration = score_pairs(calibration_pairs, encoder, pooler, layer)[0]
+        calibration = score_pairs(calibration_pairs, encoder, pooler, layer, postprocessor)[0]
     elif any(m.calibrated for m in metric_set.metrics):
         notes.append("no metric.calibration_split: accuracy/F1 need a train-calibrated threshold and were not computed")
 
     started = time.perf_counter()
-    scores, embedding = score_pairs(pairs, encoder, pooler, layer)
+    scores, embedding = score_pairs(pairs, encoder, pooler, layer, postprocessor)
     total_seconds = time.perf_counter() - started
-    metrics = metric_set.compute(scores, calibration, int(cfg.seed))
+    vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
+    metrics = metric_set.compute(scores, calibration, int(cfg.seed), vectors)
+    k = int((cfg.get("error_analysis") or {}).get("k", 20))
 
     if isinstance(encoder, CachedEncoder):
         embedding.encoder_counts.update(encoder.stats)
@@ -135,7 +162,8 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
         "tokens_per_second": tokens / embedding.encode_seconds if embedding.encode_seconds else float("inf"),
     }
     return Evaluation(layer, scores, metrics, embedding.encoder_counts, timings,
-                      calibration.pairs if calibration else None, training_curve, learned, notes)
+                      calibration.pairs if calibration else None, training_curve, learned, notes,
+                      mistakes=confident_mistakes(scores, k))
 
 
 @functools.lru_cache(maxsize=2)
@@ -163,13 +191,53 @@ def _load_other_split(dataset, split: str, limit: int | None, option: str) -> Pa
     return pairs
 
 
-def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer) -> tuple[PairScores, Embedding]:
-    """Cosine similarity of every pair; each distinct sentence is encoded once."""
+def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer, postprocessor=None) -> tuple[PairScores, Embedding]:
+    """Cosine similarity of every pair; each distinct sentence is encoded once.
+
+    The post-processor (already fit on the train split) transforms both sentences' vectors.
+    """
     sentences, a_index, b_index = pairs.unique_sentences()
     embedding = embed(sentences, encoder, pooler, layer)
-    vectors = embedding.vectors.double()
+    embedding.sentences = sentences
+    embedding.compared = postprocessor.transform(embedding.vectors) if postprocessor is not None else embedding.vectors
+    vectors = embedding.compared.double()
     scores = torch.nn.functional.cosine_similarity(vectors[a_index], vectors[b_index], dim=1)
     return PairScores(pairs, scores.numpy()), embedding
+
+
+def confident_mistakes(scores: PairScores, k: int) -> list[dict[str, Any]]:
+    """The ``k`` most confident mistakes of each kind (the paper's error analysis).
+
+    Binary labels: the highest-scored non-paraphrases and the lowest-scored paraphrases. Graded
+    labels: the largest disagreements between the score's rank and the label's rank (both as
+    fractions of the pairs), in either direction.
+    """
+    from scipy import stats
+
+    pairs, values = scores.pairs, scores.scores
+    if k <= 0 or not len(pairs):
+        return []
+    rows = []
+
+    def row(kind, i, **extra):
+        return {"kind": kind, "id": pairs.ids[i], "sentence_a": pairs.sentences_a[i], "sentence_b": pairs.sentences_b[i],
+                "label": float(pairs.labels[i]), "score": float(values[i]), **extra}
+
+    if pairs.label_kind == "binary":
+        negatives = np.flatnonzero(pairs.labels <= 0.5)
+        positives = np.flatnonzero(pairs.labels > 0.5)
+        rows += [row("high-scored non-paraphrase", i) for i in negatives[np.argsort(-values[negatives], kind="stable")][:k]]
+        rows += [row("low-scored paraphrase", i) for i in positives[np.argsort(values[positives], kind="stable")][:k]]
+    else:
+        n = len(pairs)
+        score_rank = stats.rankdata(values) / n
+        label_rank = stats.rankdata(pairs.labels) / n
+        gap = score_rank - label_rank
+        rows += [row("scored above its label", i, score_rank=float(score_rank[i]), label_rank=float(label_rank[i]))
+                 for i in np.argsort(-gap, kind="stable")[:k] if gap[i] > 0]
+        rows += [row("scored below its label", i, score_rank=float(score_rank[i]), label_rank=float(label_rank[i]))
+                 for i in np.argsort(gap, kind="stable")[:k] if gap[i] < 0]
+    return rows
 
 
 def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
@@ -216,6 +284,8 @@ def result_line(cfg: DictConfig, evaluation: Evaluation) -> str:
     """The one line a job prints, e.g. ``glove mean mrpc/validation layer=- spearman=0.3794 [...] n=408 skipped=0``."""
     pairs = evaluation.pairs
     parts = [str(cfg.encoder.name), str(cfg.pooler.name), f"{pairs.dataset}/{pairs.split}", f"layer={evaluation.layer.label}"]
+    if cfg.get("postprocess") and cfg.postprocess.name != "none":
+        parts.insert(2, f"+{cfg.postprocess.name}")
     headline = evaluation.metric("spearman") or (evaluation.metrics[0] if evaluation.metrics else None)
     if headline is not None:
         text = f"{headline.name}={headline.value:.4f}"

@@ -69,6 +69,21 @@ class LearnedPooler(Pooler, Protocol):
         """Learn from the train split only; returns the training curve to log."""
 
 
+class PostProcessor(Protocol):
+    # Optional: False for a post-processor that learns nothing (``postprocess=none``).
+    needs_fit: bool
+
+    def fit(self, train_vectors: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """Learn from the train split's pooled vectors only; returns the fitted statistics to log."""
+
+    def transform(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The vectors the similarity compares, from pooled ones (same count; any width)."""
+
+
+def needs_fit(postprocessor) -> bool:
+    return bool(getattr(postprocessor, "needs_fit", True))
+
+
 def learned_tensors(pooler) -> dict[str, Any]:
     """Optional ``learned()`` of a pooler that learns: what it learned, saved with the run."""
     learned = getattr(pooler, "learned", None)

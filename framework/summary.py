@@ -127,7 +127,7 @@ def line_label(result: JobResult, extra: list[str]) -> str:
     return " ".join(parts)
 
 
-def plot_metrics_by_layer(results: list[JobResult], path: Path) -> None:
+def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[str] | None = None) -> None:
     """One panel per metric, x = layer, one line per config (and dataset, if several).
 
     Encoders without layers (GloVe) are drawn as dashed horizontal lines: a baseline.
@@ -139,7 +139,7 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path) -> None:
 
     finished = [r for r in results if r.finished]
     present = {name for r in finished for name in r.metrics}
-    names = [n for n in metric_order(results) if n in present] or ["spearman"]
+    names = [n for n in (metrics or metric_order(results)) if n in present] or ["spearman"]
     extra = varying_settings(finished)
     several_datasets = len({(r.label["dataset"], r.label["split"]) for r in finished}) > 1
     columns = min(3, len(names))
@@ -198,6 +198,3 @@ def print_summary(results: list[JobResult], files: dict[str, Path], sweep, statu
     counts = f"{len(results)} job(s), {sum(r.finished for r in results)} finished" + (f", {reused} reused" if reused else "")
     print(f"\nsweep summary ({status}; {counts}; sweep {sweep.id} in {sweep.dir}):\n{table}", flush=True)
 
-
-def finite_or_blank(value: float | None) -> str:
-    return "" if value is None or math.isnan(value) else f"{value:.4f}"

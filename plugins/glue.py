@@ -1,12 +1,16 @@
-"""GLUE paraphrase datasets (MRPC, QQP): from the Hugging Face hub or a local GLUE-layout folder.
+"""GLUE sentence-pair datasets: MRPC and QQP (binary paraphrase labels) and STS-B (graded 0–5
+similarity scores), from the Hugging Face hub or a local GLUE-layout folder.
 
 Local TSVs are read byte-wise, line by line, with CSV quoting off: MRPC sentences contain
 unbalanced double quotes that make a quoting CSV reader merge rows silently. Lines that are not
-valid UTF-8 are decoded with replacement characters and counted, not dropped.
+valid UTF-8 are decoded with replacement characters and counted, not dropped. A label that is not
+a number is a counted skip; a number other than 0/1 in a binary dataset (MRPC, QQP) means the file
+is not what the task says it is, and is a one-line error naming the line.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +43,16 @@ class GlueTask:
     id_column: str | None
     hub_a: str
     hub_b: str
+    graded: bool = False  # labels are similarity scores (STS-B: 0–5), not 0/1
+
+    @property
+    def label_kind(self) -> str:
+        return "graded" if self.graded else "binary"
 
 
 MRPC = GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", None, "sentence1", "sentence2")
 QQP = GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", "id", "question1", "question2")
+STSB = GlueTask("stsb", "STS-B", "sentence1", "sentence2", "score", "index", "sentence1", "sentence2", graded=True)
 
 
 class GlueDataset:
@@ -139,21 +149,37 @@ def read_glue_tsv(path: Path, task: GlueTask, split: str, limit: int | None) -> 
         if len(fields) != len(header):
             skipped["wrong_field_count"] += 1
             continue
-        label = _parse_label(fields[label_at] if label_at is not None else "")
+        raw_label = fields[label_at].strip() if label_at is not None else ""
+        if raw_label in ("", "-1"):
+            skipped["unlabelled"] += 1
+            continue
+        label = parse_label(raw_label, task.graded, f"{path} line {number + 1}")
         if label is None:
-            skipped["unlabelled" if label_at is None or fields[label_at].strip() in ("", "-1") else "bad_label"] += 1
+            skipped["bad_label"] += 1
             continue
         ids.append(fields[columns[task.id_column]] if task.id_column else str(number - 1))
         sentences_a.append(fields[columns[task.sentence_a]])
         sentences_b.append(fields[columns[task.sentence_b]])
         labels.append(label)
     return PairSet(task.name, split, ids, sentences_a, sentences_b, np.asarray(labels, dtype=np.float64),
-                   rows_read, skipped, notes, source=f"local:{path}")
+                   rows_read, skipped, notes, source=f"local:{path}", label_kind=task.label_kind)
 
 
-def _parse_label(text: str) -> int | None:
-    text = text.strip()
-    return int(text) if text in ("0", "1") else None
+def parse_label(text, graded: bool, where: str) -> float | None:
+    """A label as a number; None (a counted skip) for one that is no number at all.
+
+    For binary data a number other than 0 or 1 (a graded score, say) is an error naming ``where``.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value):
+        return None
+    if not graded and value not in (0.0, 1.0):
+        raise LayerprobeError(f"{where}: label {text!r} is not 0 or 1, but this dataset's labels are binary; "
+                              "for graded scores use dataset=stsb or dataset=pairs dataset.label_kind=graded")
+    return value
 
 
 def pairs_from_hub_rows(rows, task: GlueTask, split: str, source: str) -> PairSet:
@@ -163,9 +189,13 @@ def pairs_from_hub_rows(rows, task: GlueTask, split: str, source: str) -> PairSe
         raise LayerprobeError(f"{source} ({split}) lacks column(s) {', '.join(missing)}; is it a GLUE {task.name} copy?")
     ids, sentences_a, sentences_b, labels = [], [], [], []
     skipped = Counter()
-    for row in rows:
-        if row["label"] not in (0, 1):
-            skipped["unlabelled" if row["label"] == -1 else "bad_label"] += 1
+    for number, row in enumerate(rows):
+        if row["label"] is None or row["label"] == -1:
+            skipped["unlabelled"] += 1
+            continue
+        label = parse_label(row["label"], task.graded, f"{source} ({split}) row {number}")
+        if label is None:
+            skipped["bad_label"] += 1
             continue
         if row[task.hub_a] is None or row[task.hub_b] is None:
             skipped["missing_sentence"] += 1
@@ -173,12 +203,12 @@ def pairs_from_hub_rows(rows, task: GlueTask, split: str, source: str) -> PairSe
         ids.append(str(row["idx"]))
         sentences_a.append(row[task.hub_a])
         sentences_b.append(row[task.hub_b])
-        labels.append(row["label"])
+        labels.append(label)
     return PairSet(task.name, split, ids, sentences_a, sentences_b, np.asarray(labels, dtype=np.float64),
-                   len(rows), skipped, Counter(), source=source)
+                   len(rows), skipped, Counter(), source=source, label_kind=task.label_kind)
 
 
 @hookimpl
 def register_datasets(register):
-    for task in (MRPC, QQP):
+    for task in (MRPC, QQP, STSB):
         register(task.name, lambda options, task=task: GlueDataset(task, options), GlueOptions)

@@ -1,7 +1,9 @@
 """Metrics of cosine scores against gold labels. Spearman is the paper's metric.
 
 Each is a plain function of numpy arrays; the harness adds the bootstrap CI and, for the
-threshold metrics, the threshold calibrated on the train split.
+threshold metrics, the threshold calibrated on the train split. ROC-AUC and average precision are
+scikit-learn's (ties between equal scores handled as the field computes them); they, accuracy and
+F1 need binary labels and are left out on graded data.
 """
 
 from __future__ import annotations
@@ -22,21 +24,22 @@ def pearson(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Probability that a random paraphrase scores above a random non-paraphrase (ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
     positive = labels > 0.5
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = stats.rankdata(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    if positive.all() or not positive.any():
+        return float("nan")  # undefined with one class (a bootstrap resample can draw one)
+    return float(roc_auc_score(positive, scores))
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the precision-recall curve, as the mean precision at each paraphrase's rank."""
-    positive = labels[np.argsort(-scores, kind="stable")] > 0.5
+    """Area under the precision-recall curve (scikit-learn's step-wise sum; tied scores form one step)."""
+    from sklearn.metrics import average_precision_score
+
+    positive = labels > 0.5
     if not positive.any():
         return float("nan")
-    hits = np.cumsum(positive)
-    return float((hits[positive] / (np.flatnonzero(positive) + 1)).mean())
+    return float(average_precision_score(positive, scores))
 
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
@@ -54,7 +57,7 @@ def f1(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
 def register_metrics(register):
     register("spearman", spearman)
     register("pearson", pearson)
-    register("roc_auc", roc_auc)
-    register("average_precision", average_precision)
-    register("accuracy", accuracy, calibrated=True)
-    register("f1", f1, calibrated=True)
+    register("roc_auc", roc_auc, labels="binary")
+    register("average_precision", average_precision, labels="binary")
+    register("accuracy", accuracy, calibrated=True, labels="binary")
+    register("f1", f1, calibrated=True, labels="binary")

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from framework.__main__ import CONF_DIR, CONFIG_GROUPS, group_options, register_plugin_configs
 from framework.metricset import MetricSet
-from framework.plugins import GROUPS, HARNESS_DATASET_OPTIONS, KINDS, registry
+from framework.plugins import GROUPS, HARNESS_OPTIONS, KINDS, registry
 
 
 def all_choices():
@@ -41,8 +41,7 @@ def test_builtin_yaml_lists_exactly_its_schema_defaults(kind):
         if "data_root" in yaml:
             assert yaml.pop("data_root") == "${data_root}"
             defaults.pop("data_root")
-        if kind == "dataset":  # the harness's options, in every dataset's YAML
-            defaults = {**HARNESS_DATASET_OPTIONS, **defaults}
+        defaults = {**HARNESS_OPTIONS.get(kind, {}), **defaults}  # the harness's options, in every YAML of the kind
         assert yaml == {"name": path.stem, **defaults}, path
 
 

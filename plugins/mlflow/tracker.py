@@ -112,6 +112,8 @@ class MLflowTracker:
             with tempfile.TemporaryDirectory() as folder:
                 Path(folder, "config.yaml").write_text(OmegaConf.to_yaml(job.config, resolve=True))
                 write_scores_csv(evaluation.scores, Path(folder, "scores.csv"))
+                if evaluation.mistakes:
+                    write_rows_csv(evaluation.mistakes, Path(folder, "mistakes.csv"))
                 for name, tensor in evaluation.learned.items():
                     import torch
 
@@ -235,6 +237,15 @@ def write_scores_csv(scores, path: Path) -> None:
         for pair_id, a, b, label, score in scores.rows():
             label = float(label)
             writer.writerow([pair_id, a, b, int(label) if label.is_integer() else repr(label), repr(float(score))])
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> None:
+    """Dict rows (the error analysis) as CSV; the columns are the union of the rows' keys, in order."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()} for row in rows)
 
 
 def read_scores(client, run_id: str) -> PairScoreTable | None:

@@ -121,3 +121,29 @@ def register_datasets(register):
 @hookimpl
 def register_poolers(register):
     register("gated", GatedPooler, GateOptions)
+
+
+@dataclass
+class RecordingOptions:
+    path: str = "fit.json"
+
+
+class RecordingPostProcessor:
+    """Centers, and writes how many vectors it was fit on (to check it never sees the evaluated split)."""
+
+    def __init__(self, options):
+        self.path = Path(options.path)
+        self.mean = None
+
+    def fit(self, train_vectors, seed):
+        self.mean = train_vectors.mean(dim=0)
+        self.path.write_text(json.dumps({"rows": int(train_vectors.shape[0])}))
+        return {"mean": self.mean}
+
+    def transform(self, vectors):
+        return vectors - self.mean
+
+
+@hookimpl
+def register_postprocessors(register):
+    register("recording", RecordingPostProcessor, RecordingOptions)

@@ -1,0 +1,227 @@
+"""``dataset=pairs``: your own sentence pairs, from local files or any Hugging Face dataset.
+
+    dataset=pairs dataset.files={train: train.csv, validation: dev.jsonl}
+    dataset=pairs dataset.hub=mteb/sickr-sts dataset.split=test dataset.label=score
+    dataset=pairs dataset.hub=/path/to/folder/written/by/save_to_disk
+
+Local files are CSV (standard quoting), TSV (no quoting: a quote is a character, as in GLUE), JSON
+Lines, or Parquet, by suffix. Columns are mapped with ``dataset.sentence1``, ``sentence2``, ``label``
+(and ``id``; default: the row number). Labels are ``binary`` (0/1) or ``graded`` (any number, e.g.
+0–5): ``label_kind=auto`` infers it from the split (binary if every label is 0 or 1) and the run
+logs it. Every row read is evaluated or counted: a missing sentence, an empty label, a label that
+is no number, a malformed line are skips by reason; a missing column is a one-line error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import numpy as np
+
+from framework.data import LABEL_KINDS, PairSet
+from framework.errors import LayerprobeError
+from framework.hookspecs import hookimpl
+from plugins.glue import parse_label
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+
+
+@dataclass
+class PairsOptions:
+    files: Optional[Dict[str, str]] = None  # split → local file (.csv, .tsv, .jsonl, .parquet)
+    hub: Optional[str] = None  # a hub dataset id, or a folder written by datasets' save_to_disk
+    config: Optional[str] = None  # the hub dataset's configuration (subset)
+    revision: Optional[str] = None  # a hub branch, tag or commit
+    sentence1: str = "sentence1"
+    sentence2: str = "sentence2"
+    label: str = "label"
+    id: Optional[str] = None  # a column of pair ids; null = the row number
+    label_kind: str = "auto"  # auto | binary | graded
+
+
+class PairsDataset:
+    def __init__(self, options: PairsOptions):
+        if bool(options.files) == bool(options.hub):
+            raise LayerprobeError("dataset=pairs needs exactly one of dataset.files={split: file, …} "
+                                  "or dataset.hub=<hub id or save_to_disk folder>")
+        if options.label_kind not in ("auto", *LABEL_KINDS):
+            raise LayerprobeError(f"dataset.label_kind={options.label_kind}: use auto, binary or graded")
+        self.options = options
+        self.files = {split: Path(path).expanduser() for split, path in (options.files or {}).items()}
+        for split, path in self.files.items():
+            if path.suffix.lower() not in FORMATS:
+                raise LayerprobeError(f"dataset.files.{split}={path}: unknown format; use .csv, .tsv, .jsonl or .parquet")
+            if not path.is_file():
+                raise LayerprobeError(f"dataset.files.{split}={path}: no such file")
+        self._hub = None
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        if self.files:
+            return tuple(self.files)
+        return tuple(self._hub_splits())
+
+    def load(self, split: str, limit: int | None) -> PairSet:
+        if split not in self.splits:
+            raise LayerprobeError(f"dataset=pairs has no split '{split}' (it has: {', '.join(self.splits)}); "
+                                  "set dataset.split, or name the file in dataset.files")
+        if self.files:
+            path = self.files[split]
+            rows, skipped, notes = read_rows(path, limit)
+            source = f"local:{path.resolve()}"
+        else:
+            rows, skipped, notes = self._hub_rows(split, limit)
+            source = f"hub:{self.options.hub}" + (f"/{self.options.config}" if self.options.config else "")
+        return self._pairs(rows, split, source, skipped, notes)
+
+    def _pairs(self, rows: list[tuple[int, dict[str, Any] | None]], split: str, source: str,
+               skipped: Counter, notes: Counter) -> PairSet:
+        o = self.options
+        present = next((row for _, row in rows if row is not None), None)
+        if present is not None:
+            wanted = [o.sentence1, o.sentence2, o.label] + ([o.id] if o.id else [])
+            missing = [c for c in wanted if c not in present]
+            if missing:
+                raise LayerprobeError(f"{source} ({split}): no column {', '.join(map(repr, missing))} (it has: "
+                                      f"{', '.join(map(str, present))}); map yours with dataset.sentence1/sentence2/label/id")
+        kept: list[tuple[str, str, str, Any, int]] = []
+        for number, row in rows:
+            if row is None:
+                continue  # counted by the reader
+            a, b, label = row.get(o.sentence1), row.get(o.sentence2), row.get(o.label)
+            if a is None or b is None:
+                skipped["missing_sentence"] += 1
+            elif label is None or (isinstance(label, str) and label.strip() in ("", "-1")) or label == -1:
+                skipped["unlabelled"] += 1
+            elif parse_label(label, True, "") is None:
+                skipped["bad_label"] += 1
+            else:
+                kept.append((str(row[o.id]) if o.id else str(number), str(a), str(b), label, number))
+        kind = o.label_kind
+        if kind == "auto":
+            values = {parse_label(label, True, "") for *_, label, _ in kept}
+            kind = "binary" if values <= {0.0, 1.0} else "graded"
+        labels = [parse_label(label, kind == "graded", f"{source} ({split}) row {number}") for *_, label, number in kept]
+        return PairSet("pairs", split, [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
+                       np.asarray(labels, dtype=np.float64), len(rows), skipped, notes, source=source, label_kind=kind)
+
+    # --- the hub (or a save_to_disk folder) -----------------------------------------------------
+
+    def _hub_dataset(self):
+        import datasets
+
+        folder = Path(self.options.hub).expanduser()
+        if folder.is_dir():
+            try:
+                loaded = datasets.load_from_disk(str(folder))
+            except Exception as error:  # a foreign folder raises several types
+                raise LayerprobeError(f"dataset.hub={self.options.hub}: not a folder written by save_to_disk ({type(error).__name__})") from None
+            if not isinstance(loaded, datasets.DatasetDict):
+                raise LayerprobeError(f"dataset.hub={self.options.hub} holds one split without a name; save a DatasetDict "
+                                      "({'train': …, 'validation': …}) with save_to_disk")
+            return loaded
+        return None
+
+    def _hub_splits(self) -> list[str]:
+        if self._hub is None:
+            self._hub = self._hub_dataset() or False
+        if self._hub:
+            return list(self._hub)
+        import datasets
+
+        try:
+            return datasets.get_dataset_split_names(self.options.hub, self.options.config, revision=self.options.revision)
+        except Exception as error:  # offline, unknown dataset, gated: many exception types
+            raise LayerprobeError(f"dataset.hub={self.options.hub}: could not reach it on the Hugging Face hub "
+                                  f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}); offline? "
+                                  "save it with save_to_disk and give that folder, or use dataset.files") from None
+
+    def _hub_rows(self, split: str, limit: int | None):
+        if self._hub:
+            rows = self._hub[split]
+        else:
+            import datasets
+
+            try:
+                rows = datasets.load_dataset(self.options.hub, self.options.config, revision=self.options.revision, split=split)
+            except Exception as error:  # see _hub_splits
+                raise LayerprobeError(f"dataset.hub={self.options.hub} ({split}): could not load it "
+                                      f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]})") from None
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        return list(enumerate(rows)), Counter(), Counter()
+
+
+def read_rows(path: Path, limit: int | None) -> tuple[list[tuple[int, dict | None]], Counter, Counter]:
+    """Rows of a local file as (row number, dict or None for a counted bad row), skips, notes."""
+    kind = FORMATS[path.suffix.lower()]
+    skipped, notes = Counter(), Counter()
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow raises several types for a damaged file
+            raise LayerprobeError(f"{path}: not a Parquet file ({type(error).__name__}: {str(error)[:120]})") from None
+        records = table.slice(0, limit).to_pylist() if limit is not None else table.to_pylist()
+        return list(enumerate(records)), skipped, notes
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8-sig", errors="replace")
+    rows: list[tuple[int, dict | None]] = []
+    for number, row in _records(text, kind, path, skipped):
+        if limit is not None and len(rows) >= limit:
+            break
+        if row is not None and any("\ufffd" in str(v) for v in row.values()):
+            notes["invalid_utf8_replaced"] += 1
+        rows.append((number, row))
+    if not rows and not text.strip():
+        raise LayerprobeError(f"{path} is empty")
+    return rows, skipped, notes
+
+
+def _records(text: str, kind: str, path: Path, skipped: Counter) -> Iterator[tuple[int, dict | None]]:
+    """Blank lines are not rows; a malformed one is a row counted under its reason (None)."""
+    if kind == "jsonl":
+        number = 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                skipped["bad_json"] += 1
+                record = None
+            yield number, record
+            number += 1
+        return
+    quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
+    header = next(reader, None)
+    if not header:
+        raise LayerprobeError(f"{path}: no header line; the first line must name the columns")
+    number = 0
+    for fields in reader:
+        if not fields or fields == [""]:
+            continue
+        if len(fields) != len(header):
+            skipped["wrong_field_count"] += 1
+            yield number, None
+        else:
+            yield number, dict(zip(header, fields))
+        number += 1
+
+
+@hookimpl
+def register_datasets(register):
+    register("pairs", PairsDataset, PairsOptions)
