@@ -20,6 +20,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import time
 from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -37,6 +38,7 @@ class TokenStateCache:
         self.max_bytes = int(max_gb * 2**30)
         self.memory: OrderedDict[str, list[TokenStates]] = OrderedDict()
         self.damaged = 0  # files found unreadable (and recomputed)
+        self.cost: dict[str, float] = {}  # key → seconds it took to compute (stored with the states)
 
     @staticmethod
     def key(fingerprint: str, layer_index: int | None, sentences: Sequence[str]) -> str:
@@ -61,6 +63,10 @@ class TokenStateCache:
             return None
         try:  # weights_only: tensors and plain containers only, never code
             stored = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(stored, dict):  # {"batches": [...], "encode_seconds": s}
+                if stored.get("encode_seconds") is not None:
+                    self.cost[key] = float(stored["encode_seconds"])
+                stored = stored["batches"]
             batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored]
         except Exception as error:  # damaged, truncated or foreign: recompute, never fail the job
             self.damaged += 1
@@ -73,13 +79,17 @@ class TokenStateCache:
         self._remember(key, batches)
         return batches
 
-    def put(self, key: str, batches: list[TokenStates]) -> None:
+    def put(self, key: str, batches: list[TokenStates], encode_seconds: float | None = None) -> None:
+        """Keep ``batches`` (and what computing them cost, so a later hit can report it)."""
         self._remember(key, batches)
+        if encode_seconds is not None:
+            self.cost[key] = encode_seconds
         path = self._path(key)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches]
+        payload = {"batches": [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches],
+                   "encode_seconds": encode_seconds}
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
         torch.save(payload, temporary)
@@ -124,13 +134,17 @@ class CachedEncoder:
     """Wraps an encoder; ``encode`` serves cached token states when it can.
 
     ``stats`` counts, per call, whether the layer was a hit, a miss, or resumed from a shallower
-    cached layer (and which), for the run to log.
+    cached layer (and which), for the run to log. ``last`` says where the states of the latest
+    ``encode`` came from (``computed``, ``cache``, or ``continued`` from a shallower cached layer)
+    and what producing them cost: ``encode_seconds`` is the computation's time even when the
+    states were read from the cache (stored with them), ``read_seconds`` the time of the read.
     """
 
     def __init__(self, encoder, cache: TokenStateCache):
         self.encoder = encoder
         self.cache = cache
         self.stats: Counter = Counter()
+        self.last: dict = {}
 
     def __getattr__(self, name):
         return getattr(self.encoder, name)
@@ -138,18 +152,19 @@ class CachedEncoder:
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         fingerprint = self.encoder.fingerprint()
         key = self.cache.key(fingerprint, layer.index, sentences)
+        started = time.perf_counter()
         batches = self._get(key)
-        if batches is not None:
-            self.stats["cache_hits"] += 1
-            yield from batches
-            return
-        with self.cache.computing(key):
-            batches = self._get(key)  # another worker may have computed it while this one waited
-            if batches is not None:
-                self.stats["cache_hits"] += 1
-                yield from batches
-                return
-            yield from self._compute(fingerprint, key, sentences, layer)
+        if batches is None:
+            with self.cache.computing(key):
+                started = time.perf_counter()
+                batches = self._get(key)  # another worker may have computed it while this one waited
+                if batches is None:
+                    yield from self._compute(fingerprint, key, sentences, layer)
+                    return
+        self.stats["cache_hits"] += 1
+        self.last = {"origin": "cache", "encode_seconds": self.cache.cost.get(key),
+                     "read_seconds": time.perf_counter() - started}
+        yield from batches
 
     def _get(self, key: str) -> list[TokenStates] | None:
         damaged = self.cache.damaged
@@ -160,19 +175,30 @@ class CachedEncoder:
 
     def _compute(self, fingerprint: str, key: str, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         self.stats["cache_misses"] += 1
+        started = time.perf_counter()
         source = self._resumable_source(fingerprint, layer, sentences)
+        earlier = 0.0  # what the shallower layer's states cost, when continuing from them
         if source is not None:
-            start, cached = source
+            start, cached, earlier = source
             self.stats["cache_resumed"] += 1
             self.stats["cache_resumed_from_layer"] = start.index
             produced = (self.encoder.resume(batch, sentences, start, layer) for batch in cached)
         else:
             produced = self.encoder.encode(sentences, layer)
-        kept = []
-        for batch in produced:
+        kept, seconds = [], time.perf_counter() - started
+        while True:
+            started = time.perf_counter()
+            batch = next(produced, None)
+            if batch is not None and batch.states.is_cuda:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
+            if batch is None:
+                break
             kept.append(TokenStates(batch.states.float().cpu(), batch.mask.cpu(), batch.sentence_index.cpu(), batch.counts))
             yield batch
-        self.cache.put(key, kept)
+        self.last = {"origin": "continued" if source is not None else "computed", "encode_seconds": earlier + seconds,
+                     "read_seconds": 0.0}
+        self.cache.put(key, kept, earlier + seconds)
 
     def _resumable_source(self, fingerprint: str, layer: Layer, sentences):
         from framework.stages import ResumableEncoder
@@ -183,7 +209,8 @@ class CachedEncoder:
             start = self.encoder.resolve_layer(index)
             if not self.encoder.can_resume_from(start):
                 continue
-            cached = self._get(self.cache.key(fingerprint, index, sentences))
+            key = self.cache.key(fingerprint, index, sentences)
+            cached = self._get(key)
             if cached is not None:
-                return start, cached
+                return start, cached, self.cache.cost.get(key, 0.0)
         return None

@@ -97,6 +97,7 @@ class JobResult:
     run_ref: str = ""
     started: float = 0.0
     notes: list[str] = field(default_factory=list)
+    states: str = ""  # where the token states came from: computed, cache, continued
     scores: PairScoreTable | None = None
 
     @property

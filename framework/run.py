@@ -37,6 +37,9 @@ class Embedding:
     pool_seconds: float
     sentences: list[str] = field(default_factory=list)
     compared: torch.Tensor | None = None
+    origin: str = "computed"  # where the token states came from: computed | cache | continued
+    read_seconds: float = 0.0  # time spent reading them from the cache
+    waited_seconds: float = 0.0  # wall time of the encoder calls (computing, or reading the cache)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=dict)
     mistakes: list[dict[str, Any]] = field(default_factory=list)
+    states: str = "computed"  # where the evaluated split's token states came from
 
     @property
     def pairs(self) -> PairSet:
@@ -78,6 +82,7 @@ class Evaluation:
         params = {f"data.{key}": value for key, value in self.pairs.counts().items()}
         params["data.source"] = self.pairs.source
         params["data.label_kind"] = self.pairs.label_kind
+        params["states"] = self.states
         params["layer_index"] = self.layer.label  # "-" for encoders without layers
         params["block_index"] = "-" if self.layer.block is None else self.layer.block
         if self.calibration is not None:
@@ -155,15 +160,19 @@ def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
     if isinstance(encoder, CachedEncoder):
         embedding.encoder_counts.update(encoder.stats)
     tokens = embedding.encoder_counts.get("tokens", 0)
+    # Cost of producing the scores, whether the states were computed now or read from the cache
+    # (then: what computing them cost), so jobs compare like with like; the read is logged apart.
+    producing = total_seconds - embedding.waited_seconds + embedding.encode_seconds
     timings = {
         "encode_seconds": embedding.encode_seconds,
+        "cache_read_seconds": embedding.read_seconds,
         "pool_seconds": embedding.pool_seconds,
-        "pairs_per_second": len(pairs) / total_seconds if total_seconds else float("inf"),
+        "pairs_per_second": len(pairs) / producing if producing > 0 else float("inf"),
         "tokens_per_second": tokens / embedding.encode_seconds if embedding.encode_seconds else float("inf"),
     }
     return Evaluation(layer, scores, metrics, embedding.encoder_counts, timings,
                       calibration.pairs if calibration else None, training_curve, learned, notes,
-                      mistakes=confident_mistakes(scores, k))
+                      mistakes=confident_mistakes(scores, k), states=embedding.origin)
 
 
 @functools.lru_cache(maxsize=2)
@@ -267,7 +276,17 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
     if vectors is None or not bool(filled.all()):
         missing = len(sentences) if vectors is None else int((~filled).sum())
         raise RuntimeError(f"the encoder returned no states for {missing} of {len(sentences)} sentences")
-    return Embedding(vectors, counts, encode_seconds, pool_seconds)
+    embedding = Embedding(vectors, counts, encode_seconds, pool_seconds, waited_seconds=encode_seconds)
+    last = getattr(encoder, "last", None) or {}
+    if last.get("origin") == "cache":
+        embedding.origin, embedding.read_seconds = "cache", encode_seconds
+        if last.get("encode_seconds") is not None:  # the computing run's cost, stored with the states
+            embedding.encode_seconds = float(last["encode_seconds"])
+        else:
+            embedding.origin = "cache (cost not recorded)"
+    elif last.get("origin") == "continued":
+        embedding.origin, embedding.encode_seconds = "continued", float(last["encode_seconds"])
+    return embedding
 
 
 def token_states_of(pairs: PairSet, encoder, layer: Layer) -> PairTokenStates:

@@ -14,7 +14,8 @@ import numpy as np
 
 from framework.results import JobResult, identity, metric_order, varying_settings
 
-COST_COLUMNS = ("n", "ms_per_pair", "peak_memory_mb")
+# ms_per_pair: producing the states (what computing them cost, also when read from the cache), pooling, cosine.
+COST_COLUMNS = ("n", "states", "ms_per_pair", "peak_memory_mb")
 
 
 def identity_columns(results: list[JobResult]) -> list[str]:
@@ -32,7 +33,7 @@ def identity_cells(result: JobResult, extra: list[str]) -> list[str]:
 def cost_cells(result: JobResult) -> list[str]:
     per_second = result.metrics.get("pairs_per_second")
     memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
-    return [str(int(result.metrics["n_pairs"])) if "n_pairs" in result.metrics else "",
+    return [str(int(result.metrics["n_pairs"])) if "n_pairs" in result.metrics else "", result.states,
             f"{1000 / per_second:.4f}" if per_second else "",
             f"{memory:.0f}" if memory is not None else ""]
 

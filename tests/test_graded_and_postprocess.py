@@ -237,9 +237,10 @@ def test_a_sweep_over_postprocessors_logs_fitted_statistics_and_compares_with_no
     fitted = torch.load(whitened / "postprocess_whiten.pt")
     assert fitted["kernel"].shape[0] == 8
     summary = (Path(parent.info.artifact_uri.removeprefix("file://")) / "summary.md").read_text()
-    assert "postprocess.name" in summary.splitlines()[0]
-    whiten_row = next(l for l in summary.splitlines() if "| whiten |" in l)
-    assert "[" in whiten_row.split("|")[-6]  # the paired Δ against none, with its CI
+    header = [c.strip() for c in summary.splitlines()[0].split("|")]
+    assert "postprocess.name" in header
+    whiten_row = [c.strip() for c in next(l for l in summary.splitlines() if "| whiten |" in l).split("|")]
+    assert "[" in whiten_row[header.index("Δspearman vs reference")]  # the paired Δ against none, with its CI
     mistakes = list(csv.DictReader(io.StringIO((whitened / "mistakes.csv").read_text())))
     assert {m["kind"] for m in mistakes} <= {"scored above its label", "scored below its label"} and mistakes
 

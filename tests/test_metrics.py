@@ -69,5 +69,5 @@ def test_accuracy_uses_the_threshold_best_on_the_calibration_split():
 
 
 def test_unknown_metric_lists_the_known_ones():
-    with pytest.raises(LayerprobeError, match="unknown metric 'ndcg'; available: accuracy, average_precision"):
+    with pytest.raises(LayerprobeError, match="unknown metric 'ndcg'; available: accuracy, anisotropy, average_precision"):
         metric_set(names=["spearman", "ndcg"])

@@ -265,3 +265,16 @@ def test_a_legacy_pth_gets_a_conversion_message_and_the_converter_works(tmp_path
     assert done.returncode == 0, done.stderr
     cu = torch.tensor([0, len(TOKENS)])
     assert torch.equal(ours(converted).hidden_state(TOKENS, cu, 2), ours(tiny_pth).hidden_state(TOKENS, cu, 2))
+
+
+def test_a_job_served_from_the_cache_reports_what_computing_its_states_cost(run_cli, tiny_mrpc, world_pth):
+    args = ("encoder=rwkv", f"encoder.model={world_pth}", "layer=2", f"dataset.data_dir={tiny_mrpc}", "metric=spearman")
+    assert run_cli(*args).returncode == 0
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    fresh, cached = sorted((r for r in second.runs()), key=lambda r: r.info.start_time)
+    assert fresh.data.params["states"] == "computed" and cached.data.params["states"] == "cache"
+    assert cached.data.metrics["encode_seconds"] == pytest.approx(fresh.data.metrics["encode_seconds"], rel=1e-6)
+    assert cached.data.metrics["cache_read_seconds"] > 0 and fresh.data.metrics["cache_read_seconds"] == 0
+    ratio = cached.data.metrics["pairs_per_second"] / fresh.data.metrics["pairs_per_second"]
+    assert 0.5 < ratio < 2, ratio  # like with like: not a cache read against an encode

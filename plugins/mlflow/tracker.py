@@ -26,7 +26,7 @@ VERSIONED_PACKAGES = ("layerprobe", "torch", "transformers", "numpy", "scipy", "
 REPOSITORY = Path(__file__).resolve().parent.parent.parent
 # Params a job logs about its input and code, not about its config (left out when reading settings back).
 RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
-RESULT_PARAM_KEYS = {"layer_index", "block_index"}
+RESULT_PARAM_KEYS = {"layer_index", "block_index", "states"}
 TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
 TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
 
@@ -222,7 +222,8 @@ def result_of_run(run, client, with_scores: bool = False) -> JobResult:
     result = JobResult(run.info.status, tags.get(TAG_HASH) or config_hash(settings), settings,
                        labels_of(settings, params.get("layer_index")), dict(run.data.metrics), names,
                        int(job) if job.isdigit() else None, error=tags.get("error", ""), run_ref=run.info.run_id,
-                       started=(run.info.start_time or 0) / 1000, notes=[n for n in tags.get("notes", "").split(" | ") if n])
+                       started=(run.info.start_time or 0) / 1000, notes=[n for n in tags.get("notes", "").split(" | ") if n],
+                       states=params.get("states", ""))
     if with_scores:
         result.scores = read_scores(client, run.info.run_id)
     return result
