@@ -15,7 +15,7 @@ from framework.data import MetricValue, PairScores, SentenceVectors
 from framework.errors import LayerprobeError
 from framework.plugins import Metric, Registry
 
-MAX_THRESHOLD_CANDIDATES = 512
+MAX_THRESHOLD_CANDIDATES = 4096
 
 
 @dataclass
@@ -93,9 +93,20 @@ class MetricSet:
 
 
 def best_threshold(metric: Metric, scores: np.ndarray, labels: np.ndarray) -> float:
-    """The score threshold (predict paraphrase if score ≥ t) that maximises the metric."""
-    candidates = np.unique(scores)
+    """The score threshold (predict paraphrase if score ≥ t) that maximises the metric.
+
+    Candidates are the operating points of scikit-learn's ROC curve (every distinct score), thinned
+    evenly to at most ``MAX_THRESHOLD_CANDIDATES`` on very large splits.
+    """
+    from sklearn.metrics import roc_curve
+
+    positive = labels > 0.5
+    if positive.all() or not positive.any():
+        candidates = np.unique(scores)
+    else:
+        candidates = roc_curve(positive, scores, drop_intermediate=False)[2]
+        candidates = candidates[np.isfinite(candidates)]
     if len(candidates) > MAX_THRESHOLD_CANDIDATES:
-        candidates = np.unique(np.quantile(scores, np.linspace(0, 1, MAX_THRESHOLD_CANDIDATES)))
+        candidates = candidates[np.linspace(0, len(candidates) - 1, MAX_THRESHOLD_CANDIDATES).round().astype(int)]
     values = [metric.function(scores, labels, t) for t in candidates]
     return float(candidates[int(np.argmax(values))])

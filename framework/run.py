@@ -284,8 +284,8 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
             embedding.encode_seconds = float(last["encode_seconds"])
         else:
             embedding.origin = "cache (cost not recorded)"
-    elif last.get("origin") == "continued":
-        embedding.origin, embedding.encode_seconds = "continued", float(last["encode_seconds"])
+    elif last.get("origin") in ("computed", "continued"):  # the computation alone, not the cache write
+        embedding.origin, embedding.encode_seconds = last["origin"], float(last["encode_seconds"])
     return embedding
 
 

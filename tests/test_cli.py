@@ -132,3 +132,20 @@ def test_the_papers_glove_baseline_on_real_mrpc(run_cli):
     assert run.data.metrics["spearman"] == pytest.approx(0.3794, abs=5e-4)
     assert 0.25 < run.data.metrics["spearman_ci_low"] < 0.33 and 0.42 < run.data.metrics["spearman_ci_high"] < 0.50
     assert run.data.params["data.rows_read"] == "408"
+
+
+@needs_shared_data
+def test_logged_ranking_metrics_are_sklearns_on_the_runs_own_scores(run_cli):
+    """glove/last on MRPC validation has many tied scores: AP and ROC-AUC recomputed from scores.csv match."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    result = run_cli("encoder=glove", "pooler=last", "dataset=mrpc", f"dataset.data_dir={SHARED_GLUE / 'MRPC'}",
+                     "metric.names=[spearman,roc_auc,average_precision]", "metric.bootstrap_resamples=10")
+    assert result.returncode == 0, result.stderr
+    (run,) = result.runs()
+    rows = list(csv.DictReader(io.StringIO((Path(run.info.artifact_uri.removeprefix("file://")) / "scores.csv").read_text())))
+    labels = [int(r["label"]) for r in rows]
+    scores = [float(r["score"]) for r in rows]
+    assert len(set(scores)) < len(scores) - 100  # the ties are there
+    assert run.data.metrics["average_precision"] == average_precision_score(labels, scores)
+    assert run.data.metrics["roc_auc"] == roc_auc_score(labels, scores)

@@ -71,3 +71,16 @@ def test_accuracy_uses_the_threshold_best_on_the_calibration_split():
 def test_unknown_metric_lists_the_known_ones():
     with pytest.raises(LayerprobeError, match="unknown metric 'ndcg'; available: accuracy, anisotropy, average_precision"):
         metric_set(names=["spearman", "ndcg"])
+
+
+def test_our_percentile_bootstrap_agrees_with_scipy():
+    """Our CI resamples pairs with seeded indices; scipy.stats.bootstrap draws its own: they must agree."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    labels = (rng.random(400) < 0.6).astype(float)
+    scores = labels * 0.3 + rng.normal(size=400)
+    ours = metric_set(names=["spearman"], bootstrap_resamples=4000).compute(scored(scores, labels), None, seed=0)[0]
+    reference = stats.bootstrap((scores, labels), lambda s, l: stats.spearmanr(s, l).statistic, paired=True,
+                                vectorized=False, n_resamples=4000, method="percentile", random_state=0).confidence_interval
+    assert ours.ci_low == pytest.approx(reference.low, abs=0.01) and ours.ci_high == pytest.approx(reference.high, abs=0.01)
