@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "plugins.glove",
     "plugins.rwkv",
     "plugins.hf",
+    "plugins.sbert",
     "plugins.pooling",
     "plugins.attention_pooling",
     "plugins.postprocess",

