@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from framework.errors import LayerprobeError
-from framework.results import JobResult, PairScoreTable, config_hash, flatten, setting_text
+from framework.results import JobResult, PairScoreTable, config_hash, flatten, labels_of, run_title, setting_text, swept_keys
 from framework.sweep import JobInfo, current_sweep
 
 
@@ -31,7 +31,7 @@ def run_job(cfg: DictConfig) -> None:
     multirun = sweep is not None or _is_multirun()
     number = HydraConfig.get().job.num if multirun else None
     settings = flatten(OmegaConf.to_container(cfg, resolve=True))
-    job = JobInfo(run_name(cfg), cfg, settings, config_hash(settings), number, sweep)
+    job = JobInfo(run_name(cfg, settings, sweep), cfg, settings, config_hash(settings), number, sweep)
     plugins = registry()
     try:
         tracker = plugins.build("tracker", cfg.tracking)
@@ -57,6 +57,7 @@ def run_job(cfg: DictConfig) -> None:
         evaluation = evaluate(cfg, plugins)
         evaluation.memory = peak_memory()
         result = result_of(job, evaluation)
+        job.name = run_name(cfg, settings, sweep, evaluation.layer.label)  # with the layer the encoder resolved
     except KeyboardInterrupt:
         result = failed_result(job, "KILLED", "interrupted (SIGINT/SIGTERM)")
         raise
@@ -115,19 +116,9 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def run_name(cfg: DictConfig) -> str:
-    return f"{cfg.encoder.name} {cfg.pooler.name} {cfg.dataset.name} layer={cfg.get('layer')}"
-
-
-def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
-    """What tables show for the named settings: encoder (with its model), pooler, dataset, split, layer."""
-    encoder = str(settings.get("encoder.name", "?"))
-    model = settings.get("encoder.model")
-    if model:
-        encoder += ":" + str(model).removeprefix("package:").rstrip("/").rsplit("/", 1)[-1]
-    layer = layer_label if layer_label is not None else setting_text(settings.get("layer"))
-    return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": str(settings.get("dataset.name", "?")),
-            "split": str(settings.get("dataset.split", "validation")), "layer": "-" if layer in ("null", "None") else layer}
+def run_name(cfg: DictConfig, settings: dict, sweep, layer_label: str | None = None) -> str:
+    """``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation``, plus the swept settings not in it."""
+    return run_title(labels_of(settings, layer_label), settings, swept_keys(sweep.overrides) if sweep else [])
 
 
 def _texts(job: JobInfo) -> dict[str, str]:

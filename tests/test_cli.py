@@ -37,7 +37,7 @@ def test_single_job_logs_params_metrics_and_per_pair_scores(run_cli, tiny_mrpc, 
 
 @pytest.mark.parametrize("args, expected", [
     (["dataset.data_dir=/no/such/folder"], "dataset.data_dir=/no/such/folder is not a folder"),
-    (["pooler=nosuch"], "unknown pooler 'nosuch'; available: attn, last, max, mean"),
+    (["pooler=nosuch"], "unknown pooler 'nosuch'; available: attn, cls, last, max, mean"),
     (["-m", "pooler=mean,nosuch"], "unknown pooler 'nosuch'"),
     (["layer=3"], "glove has no layers"),
     (["dataset.data_dir={bad}"], "missing column '#2 String'"),

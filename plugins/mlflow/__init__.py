@@ -5,9 +5,15 @@ however many processes start at the same moment). For several machines, point ev
 ``mlflow server`` with ``tracking.uri=http://…``.
 """
 
+import os
+
 from framework.hookspecs import hookimpl
 from plugins.mlflow.store import MLflowOptions
 from plugins.mlflow.tracker import MLflowTracker
+
+# MLflow draws a progress bar for every artifact transfer: one per job in a sweep's log. Off,
+# unless the user asks for them.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @hookimpl

@@ -26,7 +26,7 @@ VERSIONED_PACKAGES = ("layerprobe", "torch", "transformers", "numpy", "scipy", "
 REPOSITORY = Path(__file__).resolve().parent.parent.parent
 # Params a job logs about its input and code, not about its config (left out when reading settings back).
 RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
-RESULT_PARAM_KEYS = {"layer_index", "block_index", "states"}
+RESULT_PARAM_KEYS = {"layer_index", "block_index", "states", "model", "pooler", "dataset", "split", "postprocess"}
 TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
 TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
 
@@ -104,7 +104,11 @@ class MLflowTracker:
         run_id = self._runs.pop(id(job))
         client = self.client
         if evaluation is not None:
-            self._log_params(run_id, evaluation.logged_params())
+            client.update_run(run_id, name=job.name)  # now with the resolved layer
+            label = result.label
+            self._log_params(run_id, {**evaluation.logged_params(), "model": label["encoder"], "pooler": label["pooler"],
+                                      "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"]})
+            self._log_dataset_input(run_id, evaluation.pairs)
             self._log_metrics(run_id, result.metrics)
             self._log_training_curve(run_id, evaluation.training_curve)
             if evaluation.notes:
@@ -123,6 +127,22 @@ class MLflowTracker:
             client.set_tag(run_id, "error", result.error[:4000])
         client.set_terminated(run_id, result.status)
         result.run_ref = run_id
+
+    def _log_dataset_input(self, run_id: str, pairs) -> None:
+        """The evaluated data as an MLflow dataset input (name, split, digest, rows): the runs table's
+        Dataset column and its filter."""
+        import hashlib
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        digest = hashlib.sha256()
+        for pair in zip(pairs.ids, pairs.sentences_a, pairs.sentences_b, pairs.labels.tolist()):
+            digest.update(repr(pair).encode())
+        dataset = Dataset(name=f"{pairs.dataset}/{pairs.split}", digest=digest.hexdigest()[:8], source_type="layerprobe",
+                          source=json.dumps({"uri": pairs.source}),
+                          profile=json.dumps({"num_rows": len(pairs), "rows_read": pairs.rows_read, "label_kind": pairs.label_kind}))
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", pairs.split)])])
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -210,7 +230,7 @@ class MLflowTracker:
 
 def result_of_run(run, client, with_scores: bool = False) -> JobResult:
     """A run read back as the ``JobResult`` its job produced (scores downloaded on request)."""
-    from framework.job import labels_of
+    from framework.results import labels_of
 
     params, tags = run.data.params, run.data.tags
     settings = {key: value for key, value in params.items()
