@@ -159,8 +159,10 @@ class JobResult:
     def metric_text(self, name: str) -> str:
         """``0.3794 [0.2912, 0.4605]``, or empty when the run has no such metric."""
         value = self.metrics.get(name)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None:
             return ""
+        if isinstance(value, float) and math.isnan(value):
+            return "undefined"  # e.g. Spearman of constant scores
         low, high = self.metrics.get(f"{name}_ci_low"), self.metrics.get(f"{name}_ci_high")
         return f"{value:.4f}" + (f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else "")
 

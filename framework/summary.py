@@ -94,6 +94,9 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
                 texts[index] = "different pairs"
                 continue
             scores = np.array([other[i][1] for i in ids])
+            if np.ptp(scores) == 0 or np.ptp(base_scores) == 0:
+                texts[index] = "undefined: constant scores"  # e.g. [CLS] at the embedding layer
+                continue
             point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
             deltas = np.array([stats.spearmanr(scores[s], labels[s]).statistic - stats.spearmanr(base_scores[s], labels[s]).statistic
                                for s in samples])

@@ -56,7 +56,9 @@ class HFEncoder:
     def _load(self):
         if self._loaded is None:
             from transformers import AutoModel, AutoTokenizer
+            from transformers.utils import logging as transformers_logging
 
+            transformers_logging.disable_progress_bar()  # a "Loading weights" bar per job is noise in sweep logs
             source = resolve_model(self.options.model)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(source, revision=self.options.revision)

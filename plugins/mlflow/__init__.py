@@ -5,6 +5,7 @@ however many processes start at the same moment). For several machines, point ev
 ``mlflow server`` with ``tracking.uri=http://…``.
 """
 
+import logging
 import os
 
 from framework.hookspecs import hookimpl
@@ -14,6 +15,8 @@ from plugins.mlflow.tracker import MLflowTracker
 # MLflow draws a progress bar for every artifact transfer: one per job in a sweep's log. Off,
 # unless the user asks for them.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Its system-metrics sampler announces every start and stop at INFO: two lines per job.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 @hookimpl

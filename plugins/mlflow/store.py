@@ -26,6 +26,7 @@ class MLflowOptions:
     uri: str | None = None  # an MLflow tracking URI (http://127.0.0.1:5000, postgresql://…); null = SQLite under dir
     dir: str = "mlruns"  # the local store: mlflow.db and artifacts/ (and, by default, the token cache and Hydra's logs)
     experiment: str = "layerprobe"
+    system_metrics: bool = True  # CPU, memory, disk, network (and GPU, with nvidia-ml-py) while a job runs
 
 
 def local_folder(options: MLflowOptions) -> Path:

@@ -35,6 +35,7 @@ class MLflowTracker:
     def __init__(self, options: MLflowOptions):
         self.options = options
         self._runs: dict[int, str] = {}
+        self._monitors: dict[int, object] = {}
 
     @property
     def client(self):
@@ -95,6 +96,8 @@ class MLflowTracker:
             tags[TAG_JOB] = str(job.number)
         run = self.client.create_run(self.experiment_id, run_name=job.name, tags=tags)
         self._runs[id(job)] = run.info.run_id
+        if self.options.system_metrics:
+            self._monitors[id(job)] = start_system_metrics(run.info.run_id, tracking_uri(self.options))
         params = {key: _text(value) for key, value in job.settings.items()}
         params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
         params.update(git_state())
@@ -102,6 +105,9 @@ class MLflowTracker:
 
     def end_job(self, job: JobInfo, result: JobResult, evaluation) -> None:
         run_id = self._runs.pop(id(job))
+        monitor = self._monitors.pop(id(job), None)
+        if monitor is not None:
+            monitor.finish()
         client = self.client
         if evaluation is not None:
             client.update_run(run_id, name=job.name)  # now with the resolved layer
@@ -258,6 +264,18 @@ def write_scores_csv(scores, path: Path) -> None:
         for pair_id, a, b, label, score in scores.rows():
             label = float(label)
             writer.writerow([pair_id, a, b, int(label) if label.is_integer() else repr(label), repr(float(score))])
+
+
+def start_system_metrics(run_id: str, uri: str):
+    """MLflow's own system-metrics sampler on this run (every second, logged every 3 s); None when
+    psutil is missing."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:  # psutil absent: no system metrics, nothing else changes
+        return None
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=1, samples_before_logging=3, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def write_rows_csv(rows: list[dict], path: Path) -> None:
