@@ -79,6 +79,51 @@ def build_report(tracker, parent: str | None, metric: str | list[str], out: Path
     return table
 
 
+MTEB_TASKS = {"stsb": "STSBenchmark"}  # our dataset name → MTEB's task name, where MTEB has the task
+
+
+def mteb_results(results: list[JobResult], out: Path) -> list[Path]:
+    """One MTEB-style JSON per finished run: ``<out>/<model>__L<layer>__<pooler>/<Task>.json``.
+
+    As MTEB writes them: ``task_name``, ``scores`` per split (a list of subsets, each with
+    ``main_score``, ``hf_subset``, ``languages`` and the scores: cosine Spearman/Pearson, for binary
+    labels cosine AP/ROC-AUC too; ``main_score`` is cosine Spearman for graded labels as in MTEB's
+    STS tasks, average precision for binary ones as in its pair classification), ``evaluation_time``.
+    A ``layerprobe`` block says what produced it (model, layer, pooler, post-processing, run).
+    """
+    import json
+    import re
+
+    written = []
+    for result in results:
+        if not result.finished:
+            continue
+        label, metrics = result.label, result.metrics
+        graded = "roc_auc" not in metrics and "average_precision" not in metrics
+        scores = {"cosine_spearman": metrics.get("spearman"), "cosine_pearson": metrics.get("pearson")}
+        if not graded:
+            scores.update(cosine_ap=metrics.get("average_precision"), cosine_roc_auc=metrics.get("roc_auc"),
+                          cosine_accuracy=metrics.get("accuracy"), cosine_f1=metrics.get("f1"))
+        scores = {key: (None if value != value else value) for key, value in scores.items() if value is not None}  # NaN → null
+        main = scores.get("cosine_spearman") if graded else scores.get("cosine_ap", scores.get("cosine_spearman"))
+        entry = {"main_score": main, **scores, "hf_subset": "default", "languages": ["eng-Latn"]}
+        task = MTEB_TASKS.get(label["dataset"], f"layerprobe-{label['dataset']}")
+        document = {"task_name": task, "dataset_revision": result.settings.get("dataset.revision", "null"),
+                    "mteb_version": None, "scores": {label["split"]: [entry]},
+                    "evaluation_time": (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None,
+                    "kg_co2_emissions": None,
+                    "layerprobe": {"model": label["encoder"], "layer": label["layer"], "pooler": label["pooler"],
+                                   "postprocess": label.get("postprocess", "none"), "run": result.run_ref,
+                                   "n_pairs": metrics.get("n_pairs"), "config_hash": result.config_hash}}
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label['encoder']}__L{label['layer']}__{label['pooler']}"
+                      + (f"__{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""))
+        path = out / name / f"{task}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m framework.report", description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="layerprobe")
@@ -88,12 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", help="e.g. http://127.0.0.1:5000; default: sqlite:///<tracking-dir>/mlflow.db")
     parser.add_argument("--tracking-dir", default="mlruns")
     parser.add_argument("--out", type=Path, default=Path("mlruns") / "report")
+    parser.add_argument("--format", choices=["table", "mteb"], default="table",
+                        help="table: report.md/.csv/.png; mteb: one MTEB-style JSON per run under --out")
     args = parser.parse_args(argv)
     from framework.plugins import registry
 
     options = {"name": args.tracker, "uri": args.tracking_uri, "dir": args.tracking_dir, "experiment": args.experiment}
     try:
         tracker = registry().build("tracker", {key: value for key, value in options.items() if value is not None})
+        if args.format == "mteb":
+            from framework.stages import ReportSource
+
+            if not isinstance(tracker, ReportSource):
+                raise LayerprobeError("this tracker cannot read its runs back; use --tracker mlflow")
+            newest, _ = newest_per_config(tracker.load_results(args.parent))
+            written = mteb_results(newest, args.out)
+            print(f"{len(written)} MTEB-style result file(s) under {args.out}")
+            return
         print(build_report(tracker, args.parent, args.metric, args.out, f"experiment '{args.experiment}'"), end="")
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr)

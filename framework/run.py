@@ -91,13 +91,18 @@ class Evaluation:
         return {key: str(value) for key, value in params.items()}
 
 
-def evaluate(cfg: DictConfig, registry: Registry) -> Evaluation:
-    """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work."""
-    dataset = registry.build("dataset", cfg.dataset)
-    encoder = shared_encoder(registry, cfg.encoder)
+def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None = None) -> Evaluation:
+    """Run the job that ``cfg`` describes. Bad input raises ``LayerprobeError`` before any work.
+
+    ``components`` may hold objects already built (``dataset``, ``encoder``, ``pooler``): the Python
+    API passes a model or pairs held in memory this way; the rest is built from ``cfg``.
+    """
+    components = components or {}
+    dataset = components.get("dataset") or registry.build("dataset", cfg.dataset)
+    encoder = components.get("encoder") or shared_encoder(registry, cfg.encoder)
     if cfg.get("cache") and cfg.cache.get("enabled", True) and cache_token_states(encoder):
         encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
-    pooler = registry.build("pooler", cfg.pooler)
+    pooler = components.get("pooler") or registry.build("pooler", cfg.pooler)
     postprocessor = registry.build("postprocessor", cfg.postprocess) if cfg.get("postprocess") else None
     metric_set = MetricSet.from_config(cfg.metric, registry)
     layer = encoder.resolve_layer(cfg.get("layer"))

@@ -179,8 +179,8 @@ def finish_sweep(status: str | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         files = write_summary_files(results, Path(folder), OmegaConf.to_container(config.get("summary") or {}, resolve=True))
-        tracker.end_sweep(sweep, results, files, status)
         print_summary(results, files, sweep, status)
+        tracker.end_sweep(sweep, results, files, status)
     sweep.status = status
     sweep.save()
     if status == "KILLED":

@@ -29,6 +29,7 @@ RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
 RESULT_PARAM_KEYS = {"layer_index", "block_index", "states", "model", "pooler", "dataset", "split", "postprocess"}
 TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
 TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
+VIEW_KEY = "layerprobe"  # the saved runs-table view: …/runs?viewStateShareKey=layerprobe
 
 
 class MLflowTracker:
@@ -64,11 +65,34 @@ class MLflowTracker:
         for run in self._search(f"tags.`{PARENT}` = '{parent}' and attributes.status = 'RUNNING'"):
             client.set_tag(run.info.run_id, "error", "the sweep ended while this job was still running (interrupted or killed)")
             client.set_terminated(run.info.run_id, "KILLED")
+        self._save_view(parent)
         for key, value in {"jobs": len(results), "failed_jobs": sum(r.status == "FAILED" for r in results),
                            "killed_jobs": sum(r.status == "KILLED" for r in results),
                            "reused_jobs": sum(r.origin == "reused" for r in results)}.items():
             client.set_tag(parent, key, str(value))
         client.set_terminated(parent, status)
+        uri = tracking_uri(self.options)
+        ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
+        print(f"MLflow: {start}{self.view_url(ui.rstrip('/'))} (this sweep is run {parent})", flush=True)
+
+    def _save_view(self, parent: str) -> None:
+        """A saved view of the runs table with the columns a researcher reads (MLflow's default table
+        shows no params or metrics; which ones is per-browser state), newest first. MLflow does not
+        share which sweeps are expanded: one click on the sweep's run opens its jobs.
+
+        MLflow's UI loads it from the experiment tag ``mlflow.sharedViewState.<key>`` when its URL
+        has ``?viewStateShareKey=<key>``; ``view_url`` gives that URL.
+        """
+        import json
+
+        view = {"selectedColumns": [f"params.`{key}`" for key in ("model", "layer_index", "pooler", "postprocess", "dataset", "split")]
+                + ["metrics.`spearman`", "metrics.`spearman_ci_low`", "metrics.`spearman_ci_high`", "params.`states`", "attributes.`Dataset`"],
+                "orderByKey": "attributes.start_time", "orderByAsc": False}
+        self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
+
+    def view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
+        return f"{ui}/#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
     def _parent(self, sweep: SweepInfo | None) -> str | None:
         if sweep is None:

@@ -1,0 +1,71 @@
+"""The Python API (objects and pairs in memory, with or without tracking) and the MTEB-style export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import MRPC_ROWS, CliResult
+from framework.api import evaluate
+from framework.errors import LayerprobeError
+from plugins.glove import GloveEncoder, GloveOptions
+
+PAIRS = [(a, b, int(q)) for q, a, b in MRPC_ROWS]
+
+
+def test_pairs_and_an_encoder_object_in_memory(tiny_vectors):
+    encoder = GloveEncoder(GloveOptions(vectors=str(tiny_vectors)))
+    result = evaluate(encoder, "mean", pairs=PAIRS, metrics=["spearman", "roc_auc"])
+    assert result.pairs.label_kind == "binary" and len(result.pairs) == 8
+    vectors = {}
+    for a, b, _ in PAIRS:
+        for sentence in (a, b):
+            (batch,) = encoder.encode([sentence], encoder.resolve_layer(None))
+            vectors[sentence] = batch.states[0][batch.mask[0]].double().mean(0)
+    cosines = [float(np.dot(vectors[a], vectors[b]) / np.linalg.norm(vectors[a]) / np.linalg.norm(vectors[b])) for a, b, _ in PAIRS]
+    assert result.metric("spearman").value == pytest.approx(stats.spearmanr(cosines, [l for *_, l in PAIRS]).statistic)
+    graded = evaluate(encoder, "mean", pairs=[(a, b, l * 4.5 + 0.2) for a, b, l in PAIRS], metrics=["spearman", "roc_auc"])
+    assert graded.pairs.label_kind == "graded" and graded.metric("roc_auc") is None  # binary-only, left out
+
+
+def test_names_and_option_dicts_equal_the_command_line(run_cli, tiny_mrpc, tiny_vectors):
+    cli = run_cli(f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "pooler=max", "metric=spearman")
+    assert cli.returncode == 0, cli.stderr
+    result = evaluate({"name": "glove", "vectors": str(tiny_vectors)}, "max", dataset={"name": "mrpc", "data_dir": str(tiny_mrpc)},
+                      metrics=["spearman"])
+    (run,) = cli.runs()
+    assert result.metric("spearman").value == run.data.metrics["spearman"]
+    assert result.metric("spearman").ci_low == run.data.metrics["spearman_ci_low"]
+    with pytest.raises(LayerprobeError, match="unknown pooler|Could not"):
+        evaluate("glove", "nosuch", pairs=PAIRS)
+
+
+def test_tracked_evaluation_is_a_run(tmp_path, tiny_vectors):
+    store = tmp_path / "mlruns"
+    train = [(a, b, l) for a, b, l in PAIRS]
+    result = evaluate({"name": "glove", "vectors": str(tiny_vectors)}, "mean", pairs=PAIRS, train_pairs=train,
+                      postprocess="center", metrics=["spearman"], tracking={"name": "mlflow", "dir": str(store)})
+    (run,) = CliResult(0, "", "", store).runs()
+    assert run.info.status == "FINISHED" and run.data.metrics["spearman"] == result.metric("spearman").value
+    assert run.info.run_name == "glove mean +center · pairs/validation"
+
+
+def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors):
+    from framework.report import main
+
+    from test_graded_and_postprocess import write_stsb
+
+    folder = write_stsb(tmp_path / "STS-B")
+    result = run_cli("dataset=stsb", f"dataset.data_dir={folder}", f"encoder.vectors={tiny_vectors}")
+    assert result.returncode == 0, result.stderr
+    main(["--tracking-dir", str(result.store), "--format", "mteb", "--out", str(tmp_path / "mteb")])
+    (path,) = (tmp_path / "mteb").glob("*/*.json")
+    document = json.loads(path.read_text())
+    (run,) = result.runs()
+    assert document["task_name"] == "STSBenchmark" and path.name == "STSBenchmark.json"
+    (entry,) = document["scores"]["validation"]
+    assert entry["main_score"] == entry["cosine_spearman"] == run.data.metrics["spearman"]
+    assert "cosine_ap" not in entry and document["layerprobe"]["run"] == run.info.run_id
