@@ -278,3 +278,20 @@ def test_a_job_served_from_the_cache_reports_what_computing_its_states_cost(run_
     assert cached.data.metrics["cache_read_seconds"] > 0 and fresh.data.metrics["cache_read_seconds"] == 0
     ratio = cached.data.metrics["pairs_per_second"] / fresh.data.metrics["pairs_per_second"]
     assert 0.5 < ratio < 2, ratio  # like with like: not a cache read against an encode
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+def test_chunked_wkv_equals_the_step_by_step_recurrence(chunk):
+    """The CPU path (chunks, matmuls, carried state) against the float32 reference, decays near 0 and near 1 included."""
+    from plugins.rwkv.wkv import wkv6_chunked, wkv6_reference
+
+    g = torch.Generator().manual_seed(chunk)
+    lengths = torch.tensor([1, 5, 17, 45, 12, 16, 32])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    T, H, N = int(lengths.sum()), 2, 64
+    r, k, v = (torch.randn(T, H, N, generator=g) for _ in range(3))
+    decay = torch.exp(-torch.exp(torch.rand(T, H, N, generator=g) * 8 - 6))
+    u = torch.randn(H, N, generator=g) * 0.3
+    expected = wkv6_reference(r, k, v, decay, u, cu)
+    got = wkv6_chunked(r, k, v, decay, u, cu, chunk=chunk)
+    assert float((got - expected).abs().max()) <= 1e-5 * float(expected.abs().max())

@@ -13,13 +13,79 @@ import torch
 def wkv6(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
     """WKV of packed tokens ``[T, H, N]``; ``decay`` = exp(-exp(w)) in float32, ``u`` = time_faaaa ``[H, N]``.
 
-    Returns float32 ``[T, H, N]``. CUDA tensors use the Triton kernel; anything else the reference.
+    Returns float32 ``[T, H, N]``. CUDA tensors use the Triton kernel; CPU ones the chunked form.
     """
     if r.is_cuda:
         from plugins.rwkv.wkv_triton import wkv6_triton
 
         return wkv6_triton(r, k, v, decay, u, cu_seqlens)
-    return wkv6_reference(r, k, v, decay, u, cu_seqlens)
+    return wkv6_chunked(r, k, v, decay, u, cu_seqlens)
+
+
+CHUNK = 32  # tokens per chunk: within it, matmuls; between chunks, the carried state
+# Within a chunk whose decays multiply to more than e^-60, exp(-Σ log d) stays far from float32's
+# overflow (e^88), so the chunk's attention factorises into one matmul; below it, the exact form.
+SAFE_LOG_DECAY = -60.0
+GROUP_ELEMENTS = 2**25  # bound on the [sentences, heads, chunk, chunk, N] decay tensor per step (128 MiB float32)
+
+
+def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Tensor:
+    """The same recurrence, a chunk of tokens at a time (float32), for the CPU.
+
+    Within a chunk the contributions of earlier tokens are a masked ``[chunk, chunk]`` attention
+    whose weights carry the decays between the two tokens: a matmul of decay-scaled r and k when
+    the chunk's decays cannot overflow that split, else exp(Σ log d) ≤ 1 per key channel in log
+    space; the state enters once per chunk and is carried to the next. Per token that is a few small matmuls instead of a
+    ``[heads, N, N]`` state read and written at every step (the reference), and the Python loop
+    runs over chunks, not tokens. Padding beyond a sentence has decay 1 and k = v = 0: it changes
+    nothing. Matches ``wkv6_reference`` to float32 rounding.
+    """
+    T, H, N = r.shape
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    B = len(lengths)
+    width = -(-int(lengths.max()) // chunk) * chunk
+    sentence = torch.repeat_interleave(torch.arange(B, device=r.device), lengths)
+    position = torch.arange(T, device=r.device) - cu_seqlens[:-1][sentence]
+
+    def padded(x, fill=0.0):  # [B, H, width, N], laid out so that a chunk is one slice
+        out = torch.full((B, H, width, N), fill, dtype=torch.float32, device=r.device)
+        out[sentence, :, position] = x.float()
+        return out
+
+    R, K, V = padded(r), padded(k), padded(v)
+    log_decay = padded(decay, 1.0).clamp_min_(torch.finfo(torch.float32).tiny).log_()
+    bonus = u.float()[None, :, None, :]
+    out = torch.empty(B, H, width, N, dtype=torch.float32, device=r.device)
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=r.device).tril(-1)  # s < t
+    group = max(1, GROUP_ELEMENTS // (H * chunk * chunk * N))
+    for first in range(0, B, group):
+        rows = slice(first, first + group)
+        state = None  # zero until the first chunk has been seen
+        for start in range(0, width, chunk):
+            cols = slice(start, start + chunk)
+            rc, kc, vc, lc = R[rows, :, cols], K[rows, :, cols], V[rows, :, cols], log_decay[rows, :, cols]
+            total = lc.cumsum(dim=2)  # Σ log d up to and including each token
+            # weight of token s's k v in token t's output (s < t): r_t · (k_s ⊙ exp(before_t − total_s))
+            if float(total[:, :, -1].min()) > SAFE_LOG_DECAY:
+                before = total - lc  # … up to the token before
+                # exp(before_t) · exp(−total_s) cannot overflow here: one matmul per chunk
+                attention = ((rc * before.exp()) @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~strict, 0.0)
+            else:
+                # a chunk that decays below e^SAFE_LOG_DECAY: each pair's exponent, per channel, from sums
+                # in float64 (differences of sums in the hundreds would lose float32's digits)
+                total = lc.double().cumsum(dim=2)
+                before = total - lc
+                exponent = (before[:, :, :, None, :] - total[:, :, None, :, :]).masked_fill(~strict[:, :, None], float("-inf"))
+                attention = (rc[:, :, :, None, :] * kc[:, :, None, :, :] * exponent.exp().float()).sum(-1)
+            result = attention @ vc
+            result.addcmul_((rc * bonus * kc).sum(-1, keepdim=True), vc)  # the token's own k v, weighted by u
+            if state is not None:
+                result.add_((rc * before.exp().float()) @ state)
+            out[rows, :, cols] = result
+            if start + chunk < width:  # carry the state to the next chunk
+                carried = (kc * (total[:, :, -1:, :] - total).exp().float()).transpose(2, 3) @ vc
+                state = carried if state is None else carried.add_(total[:, :, -1, :, None].exp().float() * state)
+    return out[sentence, :, position]
 
 
 def wkv6_reference(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
