@@ -67,9 +67,9 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
             total = lc.cumsum(dim=2)  # Σ log d up to and including each token
             # weight of token s's k v in token t's output (s < t): r_t · (k_s ⊙ exp(before_t − total_s))
             if float(total[:, :, -1].min()) > SAFE_LOG_DECAY:
-                before = total - lc  # … up to the token before
                 # exp(before_t) · exp(−total_s) cannot overflow here: one matmul per chunk
-                attention = ((rc * before.exp()) @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~strict, 0.0)
+                r_decayed = rc * (total - lc).exp()  # r_t ⊙ exp(Σ log d up to the token before)
+                attention = (r_decayed @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~strict, 0.0)
             else:
                 # a chunk that decays below e^SAFE_LOG_DECAY: each pair's exponent, per channel, from sums
                 # in float64 (differences of sums in the hundreds would lose float32's digits)
@@ -77,14 +77,15 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
                 before = total - lc
                 exponent = (before[:, :, :, None, :] - total[:, :, None, :, :]).masked_fill(~strict[:, :, None], float("-inf"))
                 attention = (rc[:, :, :, None, :] * kc[:, :, None, :, :] * exponent.exp().float()).sum(-1)
+                r_decayed = rc * before.exp().float()
             result = attention @ vc
             result.addcmul_((rc * bonus * kc).sum(-1, keepdim=True), vc)  # the token's own k v, weighted by u
             if state is not None:
-                result.add_((rc * before.exp().float()) @ state)
+                result.add_(r_decayed @ state)
             out[rows, :, cols] = result
             if start + chunk < width:  # carry the state to the next chunk
-                carried = (kc * (total[:, :, -1:, :] - total).exp().float()).transpose(2, 3) @ vc
-                state = carried if state is None else carried.add_(total[:, :, -1, :, None].exp().float() * state)
+                carried = (kc * (total[:, :, -1:, :] - total).exp().to(kc.dtype)).transpose(2, 3) @ vc
+                state = carried if state is None else carried.add_(total[:, :, -1, :, None].exp().to(kc.dtype) * state)
     return out[sentence, :, position]
 
 
