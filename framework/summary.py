@@ -6,7 +6,6 @@ differ in, say, the tokenizer or the seed are never merged into one row.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
