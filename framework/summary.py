@@ -189,9 +189,10 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
                 if layered:
                     xs = [r.layer_number for r in layered]
                     handles[label] = axis.plot(xs, [r.metrics[name] for r in layered], label=label, markersize=4, **style)[0]
-                    if all(f"{name}_ci_low" in r.metrics for r in layered):
-                        axis.fill_between(xs, [r.metrics[f"{name}_ci_low"] for r in layered],
-                                          [r.metrics[f"{name}_ci_high"] for r in layered], color=style["color"], alpha=0.12)
+                    banded = [r for r in layered if f"{name}_ci_low" in r.metrics]  # a point without a CI breaks no band
+                    if banded:
+                        axis.fill_between([r.layer_number for r in banded], [r.metrics[f"{name}_ci_low"] for r in banded],
+                                          [r.metrics[f"{name}_ci_high"] for r in banded], color=style["color"], alpha=0.12)
                 for result in (r for r in group if r.layer_number is None):
                     value = result.metrics[name]
                     handles[label + " (no layers)"] = axis.axhline(value, color=style["color"], linestyle="--", linewidth=1.5,
