@@ -152,9 +152,7 @@ def evaluate(encoder: Any = "glove", pooler: Any = "mean", *, dataset: Any = "mr
 
 def _tracked(cfg: DictConfig, components: dict[str, Any]):
     """Evaluate and log one run with the configured tracker, as a CLI job does."""
-    import time
-
-    from framework.job import failed_result, peak_memory, reset_peak_memory, result_of, run_name
+    from framework.job import evaluate_tracked, run_name
     from framework.plugins import registry
     from framework.results import config_hash, flatten
     from framework.run import evaluate as run_evaluation
@@ -167,17 +165,4 @@ def _tracked(cfg: DictConfig, components: dict[str, Any]):
     job = JobInfo(run_name(cfg, settings, None), cfg, settings, config_hash(settings))
     tracker = registry().build("tracker", cfg.tracking)
     tracker.start_job(job)
-    reset_peak_memory()
-    evaluation, result = None, None
-    try:
-        evaluation = run_evaluation(cfg, registry(), components)
-        evaluation.memory = peak_memory()
-        result = result_of(job, evaluation)
-        job.name = run_name(cfg, settings, None, evaluation.layer.label)
-        return evaluation
-    except BaseException as error:
-        result = failed_result(job, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED", f"{type(error).__name__}: {error}")
-        raise
-    finally:
-        result.started = result.started or time.time()
-        tracker.end_job(job, result, evaluation)
+    return evaluate_tracked(tracker, job, lambda: run_evaluation(cfg, registry(), components))

@@ -23,13 +23,29 @@ import tempfile
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from framework.data import Layer, TokenStates
 
 MEMORY_BYTES = 4 * 2**30
+
+
+def timed(batches: Iterable[TokenStates]) -> Iterator[tuple[TokenStates | None, float]]:
+    """Each batch with the seconds spent producing it (GPU work waited for), not the consumer's time.
+
+    Ends with ``(None, seconds)``: the last call, which may still do work (e.g. write a cache file).
+    """
+    iterator = iter(batches)
+    while True:
+        started = time.perf_counter()
+        batch = next(iterator, None)
+        if batch is not None and batch.states.is_cuda:
+            torch.cuda.synchronize()
+        yield batch, time.perf_counter() - started
+        if batch is None:
+            return
 
 
 class TokenStateCache:
@@ -186,12 +202,8 @@ class CachedEncoder:
         else:
             produced = self.encoder.encode(sentences, layer)
         kept, seconds = [], time.perf_counter() - started
-        while True:
-            started = time.perf_counter()
-            batch = next(produced, None)
-            if batch is not None and batch.states.is_cuda:
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - started
+        for batch, spent in timed(produced):
+            seconds += spent
             if batch is None:
                 break
             kept.append(TokenStates(batch.states.float().cpu(), batch.mask.cpu(), batch.sentence_index.cpu(), batch.counts))

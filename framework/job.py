@@ -51,32 +51,44 @@ def run_job(cfg: DictConfig) -> None:
         return _fail_before_start(error, multirun)
 
     choose_device(number)
-    reset_peak_memory()
-    evaluation, result = None, None
     try:
-        evaluation = evaluate(cfg, plugins)
-        evaluation.memory = peak_memory()
-        result = result_of(job, evaluation)
-        job.name = run_name(cfg, settings, sweep, evaluation.layer.label)  # with the layer the encoder resolved
-    except KeyboardInterrupt:
-        result = failed_result(job, "KILLED", "interrupted (SIGINT/SIGTERM)")
-        raise
+        evaluation = evaluate_tracked(tracker, job, lambda: evaluate(cfg, plugins))
     except LayerprobeError as error:
-        result = failed_result(job, "FAILED", str(error))
         print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
         if not multirun:
             raise SystemExit(2)
+        return
     except Exception as error:
-        result = failed_result(job, "FAILED", f"{type(error).__name__}: {error}")
         if not multirun:
             raise
         traceback.print_exc()
         print(f"layerprobe: job failed ({job.name}): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return
+    print(result_line(cfg, evaluation), flush=True)
+
+
+def evaluate_tracked(tracker, job: JobInfo, evaluate_job):
+    """``evaluate_job()`` with its peak memory measured and its outcome recorded, whatever it is.
+
+    The tracker (and the sweep folder) get FINISHED with the results, FAILED with the error, or
+    KILLED on SIGINT/SIGTERM; the exception, if any, goes on to the caller.
+    """
+    reset_peak_memory()
+    evaluation, result = None, None
+    try:
+        evaluation = evaluate_job()
+        evaluation.memory = peak_memory()
+        result = result_of(job, evaluation)
+        job.name = run_name(job.config, job.settings, job.sweep, evaluation.layer.label)  # with the resolved layer
+        return evaluation
+    except KeyboardInterrupt:
+        result = failed_result(job, "KILLED", "interrupted (SIGINT/SIGTERM)")
+        raise
+    except BaseException as error:
+        result = failed_result(job, "FAILED", str(error) if isinstance(error, LayerprobeError) else f"{type(error).__name__}: {error}")
+        raise
     finally:
-        if result is not None:
-            _record(tracker, job, result, evaluation)
-    if result.finished:
-        print(result_line(cfg, evaluation), flush=True)
+        _record(tracker, job, result, evaluation)
 
 
 def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:

@@ -23,7 +23,6 @@ HARNESS_OPTIONS = {
     "dataset": {"split": "validation", "limit": None},  # passed to load(split, limit)
     "postprocessor": {"train_split": "train", "train_limit": None},  # the pairs fit() sees
 }
-HARNESS_DATASET_OPTIONS = HARNESS_OPTIONS["dataset"]
 BUILTIN_MODULES = (
     "plugins.mlflow",
     "plugins.glue",

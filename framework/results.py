@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
 
 # Settings that say where and how results are stored, not what was computed: left out of a job's
 # identity, so the same evaluation logged to another store (or resumed) is the same config.
@@ -24,7 +23,6 @@ NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.", "error_ana
 NON_IDENTITY_KEYS = {"resume", "data_root"}  # data_root reaches the dataset's own options, which count
 # The settings every results table shows as its own columns; others appear only where they differ.
 NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
-STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -230,11 +228,3 @@ def newest_per_config(results: list[JobResult]) -> tuple[list[JobResult], dict[s
         group.sort(key=lambda r: (r.finished, r.started))
         chosen.append(group[-1])
     return chosen, {h: len(g) for h, g in groups.items()}
-
-
-def finite(value: float) -> bool:
-    return value is not None and not (isinstance(value, float) and (math.isnan(value) or math.isinf(value)))
-
-
-def as_array(values: list[float]) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)

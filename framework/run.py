@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from framework.cache import CachedEncoder, TokenStateCache
+from framework.cache import CachedEncoder, TokenStateCache, timed
 from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
@@ -260,13 +260,8 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
     filled = torch.zeros(len(sentences), dtype=torch.bool)
     counts: Counter = Counter()
     encode_seconds = pool_seconds = 0.0
-    batches = iter(encoder.encode(sentences, layer))
-    while True:
-        started = time.perf_counter()
-        batch = next(batches, None)
-        if batch is not None and batch.states.is_cuda:
-            torch.cuda.synchronize()
-        encode_seconds += time.perf_counter() - started
+    for batch, spent in timed(encoder.encode(sentences, layer)):
+        encode_seconds += spent
         if batch is None:
             break
         started = time.perf_counter()

@@ -43,9 +43,7 @@ class SentenceTransformersEncoder:
 
     @property
     def device(self) -> torch.device:
-        if self.options.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.options.device)
+        return self._layers.device  # the same option, read the same way as encoder=hf
 
     @property
     def model(self):

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from framework.results import JobResult, PairScoreTable, config_hash
+from framework.results import JobResult, PairScoreTable, config_hash, setting_text
 from framework.sweep import JobInfo, SweepInfo, process_identity, process_is_alive
 from framework.errors import LayerprobeError
 from plugins.mlflow.store import MLflowOptions, check_server, local_folder, store_for, tracking_uri
@@ -122,7 +122,7 @@ class MLflowTracker:
         self._runs[id(job)] = run.info.run_id
         if self.options.system_metrics:
             self._monitors[id(job)] = start_system_metrics(run.info.run_id, tracking_uri(self.options))
-        params = {key: _text(value) for key, value in job.settings.items()}
+        params = {key: setting_text(value) for key, value in job.settings.items()}
         params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
         params.update(git_state())
         self._log_params(run.info.run_id, params)
@@ -324,10 +324,6 @@ def read_scores(client, run_id: str) -> PairScoreTable | None:
                 labels.append(float(row["label"]))
                 scores.append(float(row["score"]))
     return PairScoreTable(ids, labels, scores)
-
-
-def _text(value) -> str:
-    return value if isinstance(value, str) else ("null" if value is None else str(value))
 
 
 def _version(package: str) -> str:
