@@ -1,17 +1,23 @@
-"""RWKV-6 1B6 on a GPU: parity (bf16 CUDA vs fp32 CPU) and speed against the official runtime and
-flash-linear-attention, all on the same random weights of the exact RWKV-6 World 1B6 shape.
+"""RWKV-6 1B6 on a GPU: time to first result, steady state against flash-linear-attention's packed
+mode and the bf16 matmul roofline, memory, and parity with float32 on the CPU, all on the same
+random weights of the exact RWKV-6 World 1B6 shape.
 
-    python benchmarks/rwkv_gpu.py weights /tmp/rwkv1b6.pth   # random 1B6-shaped weights (bf16 .pth)
-    python benchmarks/rwkv_gpu.py parity  /tmp/rwkv1b6.pth   # pooled cosine, layers 1, 11, last
-    python benchmarks/rwkv_gpu.py ours    /tmp/rwkv1b6.pth   # workloads A and B, layer 11 cut, memory
-    python benchmarks/rwkv_gpu.py matmul                     # bf16 roofline
-    python benchmarks/rwkv_gpu.py official /tmp/rwkv1b6.pth  # BlinkDL's runtime, one sentence per call
-    python benchmarks/rwkv_gpu.py fla                        # flash-linear-attention RWKV6Model
-    python benchmarks/rwkv_gpu.py report                     # the table, from the JSON lines written
+    python benchmarks/rwkv_gpu.py all      /tmp/rwkv1b6.safetensors   # every step below, in one run, then the table
+    python benchmarks/rwkv_gpu.py weights  /tmp/rwkv1b6.safetensors   # random 1B6-shaped weights (bf16 .pth)
+    python benchmarks/rwkv_gpu.py matmul                      # the bf16 roofline (8192³ cuBLAS)
+    python benchmarks/rwkv_gpu.py cold     /tmp/rwkv1b6.safetensors   # fresh processes: empty, then warm compile caches
+    python benchmarks/rwkv_gpu.py ours     /tmp/rwkv1b6.safetensors   # workloads A and B, 24 and 12 blocks, memory
+    python benchmarks/rwkv_gpu.py fla                         # flash-linear-attention RWKV6Model: packed and padded
+    python benchmarks/rwkv_gpu.py parity   /tmp/rwkv1b6.safetensors   # pooled cosine vs fp32 CPU, layers 1, 11, last
+    python benchmarks/rwkv_gpu.py tune     /tmp/rwkv1b6.safetensors   # launch choices of the fused kernels → launch.json
+    python benchmarks/rwkv_gpu.py official /tmp/rwkv1b6.safetensors   # BlinkDL's runtime, one sentence per call
+    python benchmarks/rwkv_gpu.py report                      # the table, from the JSON lines written
 
-Each step appends one JSON line per figure to --results (default benchmarks/rwkv_gpu.jsonl).
-Sentences: 12–45 random world-vocabulary tokens; workload A = 816 (MRPC validation), B = 20,000.
-Every timed shape is warmed up first.
+Each step appends one JSON line per figure to --results (default benchmarks/rwkv_gpu.jsonl); the
+report reads the latest figure of each kind and prints every speed as a ratio to fla packed and to
+the roofline. Sentences: 12–45 random world-vocabulary tokens; workload A = 816 sentences (MRPC
+validation's size), B = 20,000. Every timed shape is warmed up first (fla's too: it compiles per
+shape, so its packs are bucketed to few shapes).
 """
 
 from __future__ import annotations
@@ -19,18 +25,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+STARTED = time.perf_counter()  # before the heavy imports: the cold step's child reports import time
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SHAPE = dict(layers=24, hidden=2048, ffn=7168, vocab=65536)
 WORKLOADS = {"A": 816, "B": 20000}
+FLA_PACK = 65536  # tokens per fla packed forward (its kernels' varlen mode)
 
 
 def sentences(n: int, seed: int = 0) -> list[list[int]]:
@@ -39,6 +50,7 @@ def sentences(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def record(args, **figure) -> None:
+    figure["run"] = args.run
     print(json.dumps(figure), flush=True)
     with open(args.results, "a") as handle:
         handle.write(json.dumps(figure) + "\n")
@@ -60,10 +72,14 @@ def timed(function, warmup: int = 1, repeats: int = 3) -> float:
 def step_weights(args) -> None:
     from plugins.rwkv.random_checkpoint import random_state
 
-    state = random_state(**SHAPE)
-    torch.save({k: v.to(torch.bfloat16) for k, v in state.items()}, args.path)
-    params = sum(v.numel() for v in state.values())
-    record(args, step="weights", parameters=params, path=str(args.path))
+    from safetensors.torch import save_file
+
+    state = random_state(**SHAPE, device="cuda" if torch.cuda.is_available() else "cpu")
+    state = {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in state.items()}
+    torch.save(state, args.path.with_suffix(".pth"))
+    save_file(state, str(args.path.with_suffix(".safetensors")))  # what `python -m plugins.rwkv.convert` writes
+    record(args, step="weights", parameters=sum(v.numel() for v in state.values()), path=str(args.path),
+           gib=args.path.with_suffix(".pth").stat().st_size / 2**30)
 
 
 def load_encoder(path, device, **options):
@@ -74,7 +90,8 @@ def load_encoder(path, device, **options):
     return encoder
 
 
-def mean_pooled(encoder, ids, layer):
+def pooled(encoder, ids, layer) -> torch.Tensor:
+    """Mean-pooled vectors on the host: what a job needs before it can score a pair."""
     from plugins.pooling import MeanPooler
 
     vectors = torch.zeros(len(ids), SHAPE["hidden"])
@@ -86,93 +103,149 @@ def mean_pooled(encoder, ids, layer):
 def step_parity(args) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     ids = sentences(24, seed=1)
-    cpu, gpu = load_encoder(args.path, "cpu"), load_encoder(args.path, "cuda", compile=not args.no_compile)
+    cpu, gpu = load_encoder(args.path, "cpu"), load_encoder(args.path, "cuda", fused=not args.eager)
     for layer_value in (1, 11, -1):
-        reference = mean_pooled(cpu, ids, cpu.resolve_layer(layer_value))
-        fast = mean_pooled(gpu, ids, gpu.resolve_layer(layer_value))
+        reference = pooled(cpu, ids, cpu.resolve_layer(layer_value))
+        fast = pooled(gpu, ids, gpu.resolve_layer(layer_value))
         cosine = torch.nn.functional.cosine_similarity(reference.double(), fast.double(), dim=1)
-        record(args, step="parity", compiled=not args.no_compile, layer=layer_value, sentences=len(ids),
+        record(args, step="parity", fused=not args.eager, layer=layer_value, sentences=len(ids),
                min_cosine=float(cosine.min()), mean_cosine=float(cosine.mean()))
 
 
-def non_embedding_parameters(model) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("emb.", "head.")))
+def flops_per_token(model, blocks: int) -> float:
+    """2 × the parameters a token meets in ``blocks`` blocks (all blocks are the same size)."""
+    per_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.1."))
+    return 2.0 * per_block * blocks
 
 
 def step_ours(args) -> None:
-    from plugins.pooling import MeanPooler
-
-    launch = tune_wkv(args) if args.tune_wkv else None
-    encoder = load_encoder(args.path, "cuda", compile=not args.no_compile, batch_tokens=args.batch_tokens)
+    encoder = load_encoder(args.path, "cuda", fused=not args.eager, batch_tokens=args.batch_tokens)
     weights = torch.cuda.memory_allocated()
-    pooler = MeanPooler()
-
-    def run(ids, layer):
-        for batch in encoder.encode_tokens(ids, layer):
-            pooler.pool(batch)
-
     for name, n in WORKLOADS.items():
         ids = sentences(n)
         tokens = sum(map(len, ids))
         for layer_value in (-1, 11):
             layer = encoder.resolve_layer(layer_value)
             torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda: run(ids, layer), warmup=1, repeats=3)
-            record(args, step="ours", compiled=not args.no_compile, batch_tokens=args.batch_tokens, wkv_launch=launch, workload=name, layer=layer_value, blocks=layer.block + 1, sentences=n, tokens=tokens,
-                   seconds=seconds, tokens_per_second=tokens / seconds, seconds_per_pair=2 * seconds / n,
-                   peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30, weights_gib=weights / 2**30,
-                   non_embedding_parameters=non_embedding_parameters(encoder.model))
+            seconds = timed(lambda: pooled(encoder, ids, layer), warmup=1, repeats=3)
+            record(args, step="ours", fused=not args.eager, batch_tokens=args.batch_tokens, workload=name,
+                   blocks=layer.block + 1, sentences=n, tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds,
+                   seconds_per_pair=2 * seconds / n, peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   weights_gib=weights / 2**30, flops_per_token=flops_per_token(encoder.model, layer.block + 1))
 
 
-def tune_wkv(args) -> dict:
-    """Time the WKV kernel's launch choices on one 32k-token pack of workload-B sentences."""
-    import triton.testing
+def step_first_result(args) -> None:
+    """(Child of ``cold``.) Load, encode workload A to pooled vectors twice; print the timings."""
+    imported = time.perf_counter()
+    import plugins.pooling  # noqa: F401  - the job's own imports
+    import plugins.rwkv.encoder  # noqa: F401
 
-    from plugins.rwkv import wkv_triton
-
-    ids = sentences(WORKLOADS["B"])[:1100]
-    lengths = torch.tensor([len(s) for s in ids])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).cuda()
-    T, H, N = int(lengths.sum()), SHAPE["hidden"] // 64, 64
-    r, k, v = (torch.randn(T, H, N, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    decay = torch.rand(T, H, N, device="cuda")
-    u = torch.randn(H, N, device="cuda")
-    timings = {}
-    for block_v in (64, 32, 16):
-        for warps in (1, 2, 4):
-            ms = triton.testing.do_bench(lambda: wkv_triton.wkv6_triton(r, k, v, decay, u, cu, block_v, warps))
-            timings[(block_v, warps)] = ms
-            record(args, step="wkv", tokens=T, block_v=block_v, num_warps=warps, ms=ms)
-    best = min(timings, key=timings.get)
-    wkv_triton.LAUNCH.update(block_v=best[0], num_warps=best[1])
-    return {"block_v": best[0], "num_warps": best[1]}
-
-
-def step_wkv(args) -> None:
-    print(tune_wkv(args))
-
-
-def step_profile(args) -> None:
-    """Where the time goes: CUDA kernels of 24-block forwards on workload B's first packs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    encoder = load_encoder(args.path, "cuda", compile=not args.no_compile, batch_tokens=args.batch_tokens)
-    ids = sentences(WORKLOADS["B"])[:3000]
-    layer = encoder.resolve_layer(-1)
-    for _ in range(2):
-        for _batch in encoder.encode_tokens(ids, layer):
-            pass
-    torch.cuda.synchronize()
+    imported = time.perf_counter()
+    torch.cuda.init()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _batch in encoder.encode_tokens(ids, layer):
-            pass
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    gpu = sum(e.self_device_time_total for e in events) / 1e6
-    print(f"wall {wall:.3f} s, GPU busy {gpu:.3f} s, tokens {sum(map(len, ids))}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=28, max_name_column_width=90))
+    encoder = load_encoder(args.path, "cuda", fused=not args.eager)
+    torch.cuda.synchronize()
+    loaded = time.perf_counter()
+    ids = sentences(WORKLOADS["A"])
+    layer = encoder.resolve_layer(-1)
+    pooled(encoder, ids, layer)
+    first = time.perf_counter()
+    pooled(encoder, ids, layer)
+    second = time.perf_counter()
+    print("FIRST_RESULT " + json.dumps(dict(imports=imported - STARTED, cuda_init=started - imported, load=loaded - started,
+                                            first_encode=first - loaded, second_encode=second - first,
+                                            to_first_result=first - imported)), flush=True)
+
+
+def step_cold(args) -> None:
+    """Fresh processes on a page-cached weights file (safetensors, then .pth): compile caches empty, then warm."""
+    for path in (args.path.with_suffix(".safetensors"), args.path.with_suffix(".pth")):
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)  # into the page cache
+        with tempfile.TemporaryDirectory() as caches:
+            env = dict(os.environ, TRITON_CACHE_DIR=f"{caches}/triton", TORCHINDUCTOR_CACHE_DIR=f"{caches}/inductor",
+                       CUDA_CACHE_PATH=f"{caches}/nv")
+            for caches_state in ("empty", "warm", "warm"):
+                command = [sys.executable, __file__, "first-result", str(path)] + (["--eager"] if args.eager else [])
+                spawned = time.perf_counter()
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                wall = time.perf_counter() - spawned
+                line = next((l for l in done.stdout.splitlines() if l.startswith("FIRST_RESULT ")), None)
+                if line is None:
+                    sys.exit(f"cold child failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                record(args, step="cold", fused=not args.eager, file=path.suffix, caches=caches_state, process_wall=wall,
+                       **json.loads(line.split(" ", 1)[1]))
+
+
+def fla_model(blocks: int):
+    from fla.models import RWKV6Config, RWKV6Model
+
+    config = RWKV6Config(hidden_size=SHAPE["hidden"], expand_k=1.0, expand_v=1.0, num_heads=SHAPE["hidden"] // 64,
+                         intermediate_size=SHAPE["ffn"], num_hidden_layers=blocks, vocab_size=SHAPE["vocab"],
+                         proj_low_rank_dim=32, gate_low_rank_dim=64, attn_mode="chunk")
+    return RWKV6Model(config).to("cuda", torch.bfloat16).eval().requires_grad_(False)
+
+
+def fla_packs(ids: list[list[int]], bucket: int = 8192) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sentences back to back in packs of ≤ FLA_PACK tokens; each pack's length rounded up to a
+    multiple of ``bucket`` by one filler sequence (not counted), so fla compiles few shapes."""
+    packs, current = [], []
+    for sentence in ids:
+        if current and sum(map(len, current)) + len(sentence) > FLA_PACK:
+            packs.append(current)
+            current = []
+        current.append(sentence)
+    packs.append(current)
+    out = []
+    for pack in packs:
+        total = sum(map(len, pack))
+        filler = -total % bucket
+        lengths = [len(s) for s in pack] + ([filler] if filler else [])
+        tokens = torch.tensor([t for s in pack for t in s] + [0] * filler).cuda()[None]
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32).cuda()
+        out.append((tokens, cu))
+    return out
+
+
+def step_fla(args) -> None:
+    for blocks in (24, 12):
+        model = fla_model(blocks)
+        weights = torch.cuda.memory_allocated()
+        for name, n in WORKLOADS.items():
+            ids = sentences(n)
+            tokens = sum(map(len, ids))
+            packs = fla_packs(ids)
+
+            def packed_run():
+                with torch.inference_mode():
+                    for input_ids, cu in packs:
+                        model(input_ids=input_ids, cu_seqlens=cu, use_cache=False)
+
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed(packed_run, warmup=1, repeats=3)  # the warm-up compiles every bucketed shape
+            record(args, step="fla", mode="packed", workload=name, blocks=blocks, sentences=n, tokens=tokens, seconds=seconds,
+                   tokens_per_second=tokens / seconds, peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   weights_gib=weights / 2**30, packs=len(packs))
+        if blocks == 24 and not args.skip_padded:
+            ids = sentences(WORKLOADS["B"])
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+            batches = []
+            for start in range(0, len(order), args.fla_batch):
+                chosen = [ids[i] for i in order[start:start + args.fla_batch]]
+                padded = torch.zeros(args.fla_batch, -(-max(map(len, chosen)) // 16) * 16, dtype=torch.long)
+                for row, sentence in enumerate(chosen):
+                    padded[row, : len(sentence)] = torch.tensor(sentence)
+                batches.append(padded.cuda())
+
+            def padded_run():
+                with torch.inference_mode():
+                    for input_ids in batches:
+                        model(input_ids=input_ids, use_cache=False)
+
+            seconds = timed(padded_run, warmup=1, repeats=2)
+            record(args, step="fla", mode=f"padded batches of {args.fla_batch}", workload="B", blocks=24, sentences=len(ids),
+                   tokens=sum(map(len, ids)), seconds=seconds, tokens_per_second=sum(map(len, ids)) / seconds)
+        del model
+        torch.cuda.empty_cache()
 
 
 def step_matmul(args) -> None:
@@ -182,17 +255,69 @@ def step_matmul(args) -> None:
     record(args, step="matmul", tflops=2 * 8192**3 / seconds / 1e12)
 
 
+def step_tune(args) -> None:
+    """Time each fused kernel's launch choices on workload B's first pack; print (and --write) the best."""
+    import triton
+    import triton.testing
+
+    from plugins.rwkv import fused
+    from plugins.rwkv.model import Packed, _layer_norm
+
+    encoder = load_encoder(args.path, "cuda")
+    model = encoder.model
+    ids = sentences(WORKLOADS["B"])[:700]
+    lengths = torch.tensor([len(s) for s in ids])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).cuda()
+    tokens = torch.tensor([t for s in ids for t in s]).cuda()
+    x = _layer_norm(model.blocks[0].ln0, model.emb(tokens).float())
+    T, C = x.shape
+    is_start = Packed(cu, T).is_start.view(torch.uint8)
+    att, norm = model.blocks[0].att, model.blocks[0].ln1
+    H, N = att.time_faaaa.shape
+    stats = torch.empty(T, 2, device="cuda")
+    maa5 = torch.randn(5, C, device="cuda")
+    lora = torch.randn(T, 160, device="cuda", dtype=torch.bfloat16)
+    mixes = torch.empty(5, T, C, device="cuda", dtype=torch.bfloat16)
+    r, k, v, wd, g = (torch.randn(T, C, device="cuda", dtype=torch.bfloat16) for _ in range(5))
+    y = torch.empty_like(r)
+    best = {}
+
+    def pick(name, choices, launch):
+        timings = {}
+        for choice in choices:
+            ms = triton.testing.do_bench(lambda: launch(**choice), return_mode="median")
+            timings[json.dumps(choice)] = ms
+            record(args, step="tune", kernel=name, tokens=T, choice=choice, ms=ms)
+        best.update(json.loads(min(timings, key=timings.get)))
+
+    pick("ln_shift_mix", [{"row_warps": w} for w in (4, 8, 16)],
+         lambda row_warps: fused._ln_shift_mix[(T,)](x, x, x, x, is_start, norm.weight, norm.bias, maa5, mixes, stats, T, 1e-5,
+                                                     C=C, BLOCK_C=C, ADD_MODE=0, NUM_MIX=1, WRITE_STATS=True, num_warps=row_warps))
+    pick("lerp5", [{"lerp_rows": bt, "lerp_cols": bc, "lerp_warps": w} for bt in (16, 32, 64) for bc in (64, 128, 256) for w in (4, 8)],
+         lambda lerp_rows, lerp_cols, lerp_warps: fused._lerp5[(triton.cdiv(T, lerp_rows), triton.cdiv(C, lerp_cols))](
+             x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2, maa5, mixes, T, C=C, RANK=32,
+             BT=lerp_rows, BC=lerp_cols, num_warps=lerp_warps))
+    pick("wkv", [{"wkv_warps": w} for w in (1, 2, 4)],
+         lambda wkv_warps: fused._wkv[(len(ids), H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
+                                                     att.ln_x.bias, y, cu, att.ln_x.eps, H=H, N=N, num_warps=wkv_warps))
+    big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
+    pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
+         lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
+             big, big.numel(), BLOCK=elementwise_block, num_warps=elementwise_warps))
+    family = "sm_{}{}".format(*torch.cuda.get_device_capability())
+    print(json.dumps({family: best}))
+    if args.write:
+        table = json.loads(fused.LAUNCH_FILE.read_text())
+        table[family] = best
+        fused.LAUNCH_FILE.write_text(json.dumps(table, indent=2) + "\n")
+
+
 def step_official(args) -> None:
     os.environ["RWKV_JIT_ON"] = "1"
     os.environ["RWKV_CUDA_ON"] = "1"
     from rwkv.model import RWKV
 
-    for strategy in ("cuda bf16", "cuda fp16"):
-        try:
-            model = RWKV(model=str(args.path).removesuffix(".pth"), strategy=strategy)
-            break
-        except Exception as error:  # noqa: BLE001 - report and try the next strategy
-            record(args, step="official", strategy=strategy, error=f"{type(error).__name__}: {error}"[:300])
+    model = RWKV(model=str(args.path).removesuffix(".pth"), strategy="cuda bf16")
     ids = sentences(WORKLOADS["B"])[: args.official_sentences]
     for warm in ids[:20]:
         model.forward(warm, None)
@@ -203,86 +328,75 @@ def step_official(args) -> None:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     tokens = sum(map(len, ids))
-    record(args, step="official", strategy=strategy, sentences=len(ids), tokens=tokens, seconds=seconds,
-           tokens_per_second=tokens / seconds, seconds_per_sentence=seconds / len(ids))
-
-
-def step_fla(args) -> None:
-    from fla.models import RWKV6Config, RWKV6Model
-
-    config = RWKV6Config(hidden_size=SHAPE["hidden"], expand_k=1.0, expand_v=1.0, num_heads=SHAPE["hidden"] // 64,
-                         intermediate_size=SHAPE["ffn"], num_hidden_layers=SHAPE["layers"], vocab_size=SHAPE["vocab"],
-                         proj_low_rank_dim=32, gate_low_rank_dim=64, attn_mode="chunk")
-    model = RWKV6Model(config).to("cuda", torch.bfloat16).eval().requires_grad_(False)
-    ids = sentences(WORKLOADS["B"])
-    tokens = sum(map(len, ids))
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    batch = args.fla_batch
-    batches = []
-    for start in range(0, len(order), batch):
-        chosen = [ids[i] for i in order[start:start + batch]]
-        width = -(-max(map(len, chosen)) // 16) * 16  # bucket lengths: few shapes to compile
-        padded = torch.zeros(batch, width, dtype=torch.long)
-        for row, sentence in enumerate(chosen):
-            padded[row, : len(sentence)] = torch.tensor(sentence)
-        batches.append(padded.cuda())
-
-    def padded_run():
-        with torch.inference_mode():
-            for input_ids in batches:
-                model(input_ids=input_ids, use_cache=False)
-
-    for shape in {tuple(b.shape) for b in batches}:  # warm every shape (Triton compiles and tunes)
-        with torch.inference_mode():
-            model(input_ids=torch.zeros(shape, dtype=torch.long, device="cuda"), use_cache=False)
-    seconds = timed(padded_run, warmup=1, repeats=2)
-    record(args, step="fla", mode=f"padded batches of {batch}", sentences=len(ids), tokens=tokens, seconds=seconds,
+    record(args, step="official", strategy="cuda bf16", sentences=len(ids), tokens=tokens, seconds=seconds,
            tokens_per_second=tokens / seconds)
+
+
+def step_all(args) -> None:
+    """One run: every figure of the report on this machine, then the report of this run."""
+    if not args.path.exists():
+        step_weights(args)
+    for step in ("matmul", "cold", "ours", "fla", "parity"):
+        command = [sys.executable, __file__, step, str(args.path), "--results", str(args.results), "--run", args.run]
+        subprocess.run(command + (["--skip-padded"] if args.skip_padded else []), check=True)
+    step_report(args)
 
 
 def step_report(args) -> None:
     figures = [json.loads(line) for line in open(args.results)]
+    run = args.run if any(f.get("run") == args.run for f in figures) else figures[-1].get("run")
+    latest = {}
+    for f in figures:  # the latest figure of each kind in this run
+        if f.get("run") == run:
+            key = json.dumps([f.get(k) for k in ("step", "mode", "workload", "blocks", "caches", "file", "layer", "fused", "kernel", "choice")])
+            latest[key] = f
+    figures = list(latest.values())
     by = lambda **kw: [f for f in figures if all(f.get(k) == v for k, v in kw.items())]  # noqa: E731
     matmul = max((f["tflops"] for f in by(step="matmul")), default=None)
-    official = next((f for f in by(step="official") if "tokens_per_second" in f), None)
-    fla = next(iter(by(step="fla")), None)
-    print("| measurement | tokens/s | notes |\n| --- | --- | --- |")
-    for f in by(step="ours"):
-        # FLOPs per token of the blocks that ran: 2 × their parameters (all blocks are the same size)
-        flops = 2 * f["non_embedding_parameters"] * f["blocks"] / SHAPE["layers"] * f["tokens_per_second"] / 1e12
-        notes = [f"{f['seconds']:.2f} s, {f['seconds_per_pair'] * 1e3:.2f} ms/pair",
-                 f"peak {f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})"]
-        if matmul:
-            notes.append(f"{flops:.0f} TFLOP/s = {100 * flops / matmul:.0f}% of bf16 matmul ({matmul:.0f})")
-        if official:
-            notes.append(f"{f['tokens_per_second'] / official['tokens_per_second']:.1f}× official")
-        if fla:
-            notes.append(f"{f['tokens_per_second'] / fla['tokens_per_second']:.2f}× fla")
-        setup = f"{'compiled' if f.get('compiled', True) else 'eager'}, packs of {f.get('batch_tokens') or 'default'} tokens"
-        if f.get("wkv_launch"):
-            setup += f", wkv {f['wkv_launch']}"
-        print(f"| layerprobe ({setup}), workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {'; '.join(notes)} |")
-    if official:
-        print(f"| official rwkv ({official['strategy']}, 1 sentence/call, {official['sentences']} sentences) | "
-              f"{official['tokens_per_second']:,.0f} | {official['seconds_per_sentence'] * 1e3:.1f} ms/sentence |")
-    if fla:
-        print(f"| flash-linear-attention RWKV6Model ({fla['mode']}), workload B | {fla['tokens_per_second']:,.0f} | {fla['seconds']:.2f} s |")
+    peers = {(f["workload"], f["blocks"]): f for f in by(step="fla", mode="packed")}
+    print(f"run {run}; bf16 matmul roofline {matmul:.0f} TFLOP/s" if matmul else f"run {run}; no matmul figure")
+    print("| measurement | tokens/s | seconds | × fla packed | % of roofline | peak GPU memory |\n| --- | --- | --- | --- | --- | --- |")
+    for f in by(step="ours") + by(step="fla"):
+        peer = peers.get((f["workload"], f["blocks"]))
+        flops = next((o["flops_per_token"] for o in by(step="ours") if o["blocks"] == f["blocks"]), None)
+        roof = f"{100 * f['tokens_per_second'] * flops / (matmul * 1e12):.0f}%" if matmul and flops else ""
+        memory = f"{f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})" if "peak_gpu_gib" in f else ""
+        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'})" if f["step"] == "ours"
+                else f"fla RWKV6Model ({f['mode']})")
+        ratio = f"{f['tokens_per_second'] / peer['tokens_per_second']:.2f}×" if peer else ""
+        print(f"| {name}, workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {f['seconds']:.3f} | "
+              f"{ratio} | {roof} | {memory} |")
+    for f in by(step="official"):
+        print(f"| official rwkv ({f['strategy']}, 1 sentence/call) | {f['tokens_per_second']:,.0f} | {f['seconds']:.2f} | "
+              f"{f['tokens_per_second'] / peers[('B', 24)]['tokens_per_second']:.3f}× | | |" if ("B", 24) in peers else "")
+    cold = by(step="cold")
+    if cold:
+        print("\n| fresh process, workload A | imports | CUDA init | load | first encode | second encode | to first result (excl. imports) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
+        for f in cold:
+            print(f"| {f.get('file', '')} weights, compile caches {f['caches']} | {f['imports']:.2f} s | {f['cuda_init']:.2f} s | {f['load']:.2f} s | "
+                  f"{f['first_encode']:.2f} s | {f['second_encode']:.3f} s | {f['to_first_result']:.2f} s |")
     for f in by(step="parity"):
-        print(f"| parity bf16 CUDA ({'compiled' if f.get('compiled', True) else 'eager'}) vs fp32 CPU, layer {f['layer']} | | min pooled cosine {f['min_cosine']:.5f} over {f['sentences']} sentences |")
+        print(f"parity, bf16 CUDA ({'fused' if f.get('fused', True) else 'eager'}) vs fp32 CPU, layer {f['layer']}: "
+              f"min pooled cosine {f['min_cosine']:.5f} over {f['sentences']} sentences")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["weights", "parity", "ours", "profile", "wkv", "matmul", "official", "fla", "report"])
-    parser.add_argument("path", nargs="?", type=Path, default=Path("/tmp/rwkv1b6.pth"))
+    parser.add_argument("step", choices=["all", "weights", "matmul", "cold", "first-result", "ours", "fla", "parity",
+                                         "tune", "official", "report"])
+    parser.add_argument("path", nargs="?", type=Path, default=Path("/tmp/rwkv1b6.safetensors"),
+                        help="weights (the weights step writes both this .safetensors and a .pth beside it)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "rwkv_gpu.jsonl")
+    parser.add_argument("--run", default=time.strftime("%Y%m%d-%H%M%S"), help="a label shared by one run's figures")
     parser.add_argument("--official-sentences", type=int, default=300)
     parser.add_argument("--fla-batch", type=int, default=256)
+    parser.add_argument("--skip-padded", action="store_true", help="fla: only its packed mode (the peer that counts)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ours: tokens per packed forward")
-    parser.add_argument("--no-compile", action="store_true", help="ours: skip torch.compile (eager elementwise)")
-    parser.add_argument("--tune-wkv", action="store_true", help="ours: time the WKV kernel's launch choices first, use the best")
+    parser.add_argument("--eager", action="store_true", help="ours/cold/parity: plain PyTorch between matmuls (encoder.fused=false)")
+    parser.add_argument("--write", action="store_true", help="tune: store the best choices in plugins/rwkv/launch.json")
     args = parser.parse_args()
-    globals()[f"step_{args.step}"](args)
+    globals()[f"step_{args.step.replace('-', '_')}"](args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""The CUDA path (Triton WKV, bf16 model): runs on a GPU machine, skipped elsewhere."""
+"""The CUDA path (bf16 weights, fused Triton kernels): runs on a GPU machine, skipped elsewhere.
+
+The kernels themselves are also checked without a GPU, in Triton's interpreter (test_rwkv_fused.py).
+"""
 
 import pytest
 import torch
@@ -6,37 +9,54 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU path is tested in test_rwkv.py)")
 
 
-def test_triton_wkv_matches_the_reference_recurrence():
-    from plugins.rwkv.wkv import wkv6_reference
-    from plugins.rwkv.wkv_triton import wkv6_triton
-
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.tensor([1, 5, 17, 45, 12])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    T, H, N = int(lengths.sum()), 4, 64
-    r, k, v = (torch.randn(T, H, N, generator=g) for _ in range(3))
-    decay = torch.exp(-torch.exp(torch.rand(T, H, N, generator=g) * 4 - 5))
-    u = torch.randn(H, N, generator=g) * 0.3
-    expected = wkv6_reference(r, k, v, decay, u, cu)
-    for block_v, warps in ((64, 2), (64, 4), (32, 2), (16, 1)):
-        got = wkv6_triton(*(x.cuda() for x in (r, k, v, decay, u, cu)), block_v=block_v, num_warps=warps).cpu()
-        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), (block_v, warps)
-
-
-def test_bf16_cuda_states_track_fp32_cpu(tmp_path):
+def test_bf16_cuda_states_track_fp32_cpu_fused_and_eager(tmp_path):
     from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
     from plugins.rwkv.random_checkpoint import random_state
 
     torch.save(random_state(4, 256, 896, 65536), tmp_path / "small.pth")
     sentences = ["The cat sat on the mat.", "Stocks fell sharply on Tuesday.", "短い文", ""]
     pooled = {}
-    for device in ("cpu", "cuda"):
-        encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device=device, progress=False))
+    for name, device, fused in (("cpu", "cpu", True), ("fused", "cuda", True), ("eager", "cuda", False)):
+        encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device=device, fused=fused, progress=False))
         vectors = torch.zeros(len(sentences), 256)
         for batch in encoder.encode(sentences, encoder.resolve_layer(-1)):
             mask = batch.mask.unsqueeze(-1).float()
             vectors[batch.sentence_index.cpu()] = ((batch.states * mask).sum(1) / mask.sum(1)).float().cpu()
-        pooled[device] = vectors
-    cosine = torch.nn.functional.cosine_similarity(pooled["cpu"][:3], pooled["cuda"][:3], dim=1)
-    assert float(cosine.min()) >= 0.999
-    assert torch.equal(pooled["cuda"][3], torch.zeros(256))
+        pooled[name] = vectors
+    for name in ("fused", "eager"):
+        cosine = torch.nn.functional.cosine_similarity(pooled["cpu"][:3], pooled[name][:3], dim=1)
+        assert float(cosine.min()) >= 0.999, name
+        assert torch.equal(pooled[name][3], torch.zeros(256))
+
+
+def test_safetensors_stream_to_the_gpu_holds_the_files_tensors(tmp_path):
+    from plugins.rwkv.checkpoint import load_checkpoint
+    from plugins.rwkv.random_checkpoint import random_state, write_hf_folder
+
+    state = random_state(2, 128, 448, 512)
+    state["blocks.0.att.time_faaaa"] = state["blocks.0.att.time_faaaa"].to(torch.bfloat16)  # mixed dtypes
+    folder = write_hf_folder(state, tmp_path / "hf")
+    seen = []
+    on_gpu = load_checkpoint(str(folder), device="cuda", on_config=seen.append)
+    on_cpu = load_checkpoint(str(folder))
+    assert seen == [on_cpu.config]
+    assert on_gpu.state.keys() == on_cpu.state.keys()
+    for key, tensor in on_cpu.state.items():
+        assert on_gpu.state[key].is_cuda and on_gpu.state[key].data_ptr() % 256 == 0
+        assert torch.equal(on_gpu.state[key].cpu(), tensor), key
+
+
+def test_precompile_covers_every_kernel_the_blocks_launch(tmp_path):
+    """After precompile, a forward through every block (and ln_out) compiles nothing new."""
+    from plugins.rwkv import fused
+    from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
+    from plugins.rwkv.random_checkpoint import random_state
+
+    torch.save(random_state(3, 256, 896, 65536, seed=2), tmp_path / "small.pth")
+    encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device="cuda", progress=False))
+    fused.precompile(encoder.model.config, torch.device("cuda"))
+    kernels = (fused._ln_shift_mix, fused._lerp5, fused._wkv, fused._relu_square, fused._residual_out)
+    compiled = [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels]
+    for layer in (0, 1, 3):
+        list(encoder.encode(["one sentence", "and another, longer, sentence"], encoder.resolve_layer(layer)))
+    assert [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels] == compiled

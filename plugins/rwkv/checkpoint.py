@@ -6,10 +6,12 @@ Both layouts are turned into BlinkDL's key names, which ``plugins.rwkv.model.RWK
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,17 +31,26 @@ class Checkpoint:
     source: str
 
 
-def load_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
-    """Weights from a local folder, a local ``.pth`` file, or a hub id (downloaded when online)."""
+def load_checkpoint(model: str, revision: str | None = None, device: str | torch.device = "cpu",
+                    on_config: Callable[[RWKV6Config], None] | None = None) -> Checkpoint:
+    """Weights from a local folder, a local ``.pth``/``.safetensors`` file, or a hub id (downloaded
+    when online). ``on_config`` is called with the config before the tensors are read (shapes
+    come from the files' headers), so work that needs only shapes can overlap the reading.
+    On CUDA, safetensors files are streamed straight into GPU memory."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return _from_hf_folder(path)
+        return _from_hf_folder(path, None, torch.device(device), on_config)
     if path.is_file():
-        return _from_blinkdl_file(path)
+        opened = _open(path, torch.device(device))
+        config = infer_config(opened.layout, str(path))
+        if on_config:
+            on_config(config)
+        return Checkpoint(config, opened.read(), f"file:{path.resolve()}")
     if model.startswith((".", "/", "~")) or model.endswith((".pth", ".pt", ".safetensors")) or model.count("/") != 1:
         raise LayerprobeError(f"encoder.model={model}: no such file or folder; give an RWKV-6 Hugging Face folder, "
-                              "a BlinkDL .pth file, or a hub id such as RWKV/v6-Finch-1B6-HF")
-    return _from_hf_folder(_download(model, revision), f"hub:{model}" + (f"@{revision}" if revision else ""))
+                              "a BlinkDL .pth or .safetensors file, or a hub id such as RWKV/v6-Finch-1B6-HF")
+    return _from_hf_folder(_download(model, revision), f"hub:{model}" + (f"@{revision}" if revision else ""),
+                           torch.device(device), on_config)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -53,7 +64,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
                               f"({type(error).__name__}: {first}); offline? point encoder.model at a local folder or .pth") from None
 
 
-def _from_hf_folder(folder: Path, source: str | None = None) -> Checkpoint:
+def _from_hf_folder(folder: Path, source: str | None, device: torch.device, on_config) -> Checkpoint:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise LayerprobeError(f"{folder}: no config.json; an RWKV-6 Hugging Face folder has config.json and weights")
@@ -64,27 +75,123 @@ def _from_hf_folder(folder: Path, source: str | None = None) -> Checkpoint:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise LayerprobeError(f"{folder}: no weights (model*.safetensors or pytorch_model*.bin) beside config.json")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(_read_tensors(file))
-    renamed = {}
-    for key, tensor in state.items():
-        for pattern, replacement in HF_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        renamed[key] = tensor
+    opened = [_open(file, device) for file in files]
+    layout = _hf_names({k: v for o in opened for k, v in o.layout.items()})
     divisor = int(hf.get("head_size_divisor", 8))
-    config = infer_config(renamed, str(folder), head_size_divisor=divisor, layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
+    config = infer_config(layout, str(folder), head_size_divisor=divisor, layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
     expected = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
                 "vocab_size": config.vocab_size, "head_size": config.head_size}
     for key, value in expected.items():
         if key in hf and hf[key] is not None and int(hf[key]) != value:
             raise LayerprobeError(f"{config_file}: {key}={hf[key]} but the weights say {value}; the folder is inconsistent")
-    return Checkpoint(config, renamed, source or f"folder:{folder.resolve()}")
+    if on_config:
+        on_config(config)
+    state = _hf_names({k: v for o in opened for k, v in o.read().items()})
+    return Checkpoint(config, state, source or f"folder:{folder.resolve()}")
 
 
-def _from_blinkdl_file(path: Path) -> Checkpoint:
-    state = _read_tensors(path)
-    return Checkpoint(infer_config(state, str(path)), state, f"file:{path.resolve()}")
+def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, replacement in HF_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = tensor
+    return renamed
+
+
+@dataclass
+class _Opened:
+    """A weights file whose shapes are known (``layout``: meta or memory-mapped tensors) and whose
+    tensors ``read`` returns, on the target device where that saves a copy."""
+    layout: dict[str, torch.Tensor]
+    read: Callable[[], dict[str, torch.Tensor]]
+
+
+def _open(file: Path, device: torch.device) -> _Opened:
+    if file.suffix == ".safetensors":
+        header, data_start = _safetensors_header(file)
+        layout = {key: torch.empty(info["shape"], dtype=info["dtype"], device="meta") for key, info in header.items()}
+        if device.type == "cuda":
+            return _Opened(layout, lambda: _stream_safetensors(file, header, data_start, device))
+        return _Opened(layout, lambda: _read_tensors(file))
+    state = _read_tensors(file)  # memory-mapped: nothing is read until a tensor is used
+    return _Opened(state, lambda: state)
+
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _safetensors_header(file: Path) -> tuple[dict[str, dict], int]:
+    """The safetensors header (8-byte little-endian length, then JSON): name → dtype, shape, byte range."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 2 <= length <= min(size - 8, 100 << 20):
+                raise ValueError(f"header length {length} in a {size}-byte file")
+            raw = json.loads(handle.read(length))
+        header = {}
+        for key, info in raw.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            if not 0 <= begin <= end <= size - 8 - length or end - begin != dtype.itemsize * math.prod(info["shape"]):
+                raise ValueError(f"{key}: byte range {begin}..{end} does not fit its shape or the file")
+            header[key] = {"dtype": dtype, "shape": list(info["shape"]), "begin": begin, "end": end}
+        return header, 8 + length
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as error:
+        raise LayerprobeError(f"{file}: not a readable safetensors file ({type(error).__name__}: {str(error)[:160]}); "
+                              "re-download or re-convert it") from None
+
+
+STREAM_CHUNK = 64 << 20  # bytes per read; two pinned buffers of this size alternate
+
+
+def _stream_safetensors(file: Path, header: dict[str, dict], data_start: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The file's tensors in GPU memory: large sequential reads into two pinned host buffers, each
+    copied asynchronously while the next is read; no per-tensor host copy, no page-by-page faults
+    of a memory map. Each tensor lands 256-byte aligned (what cuBLAS and Triton kernels like)."""
+    entries = sorted(header.items(), key=lambda item: item[1]["begin"])
+    offsets, total = {}, 0
+    for key, info in entries:
+        offsets[key] = total
+        total += -(-(info["end"] - info["begin"]) // 256) * 256
+    buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
+    data_end = max((info["end"] for info in header.values()), default=0)
+    staging = [torch.empty(min(STREAM_CHUNK, max(data_end, 1)), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    copied: list = [None, None]
+    stream = torch.cuda.Stream(device)
+    entry = 0
+    with open(file, "rb", buffering=0) as handle, torch.cuda.stream(stream):
+        handle.seek(data_start)
+        for index, position in enumerate(range(0, data_end, STREAM_CHUNK)):
+            slot = index % 2
+            if copied[slot] is not None:
+                copied[slot].synchronize()  # its previous copy is done: the buffer may be overwritten
+            size = min(STREAM_CHUNK, data_end - position)
+            view = memoryview(staging[slot].numpy())[:size]
+            got = 0
+            while got < size:
+                count = handle.readinto(view[got:])
+                if not count:
+                    raise LayerprobeError(f"{file}: ends early (truncated?); re-download or re-convert it")
+                got += count
+            while entry < len(entries) and entries[entry][1]["end"] <= position:
+                entry += 1
+            for key, info in entries[entry:]:
+                if info["begin"] >= position + size:
+                    break
+                first, last = max(info["begin"], position), min(info["end"], position + size)
+                target = offsets[key] + first - info["begin"]
+                buffer[target: target + last - first].copy_(staging[slot][first - position: last - position], non_blocking=True)
+            copied[slot] = torch.cuda.Event()
+            copied[slot].record(stream)
+    stream.synchronize()
+    return {key: buffer[offsets[key]: offsets[key] + info["end"] - info["begin"]].view(info["dtype"]).view(info["shape"])
+            for key, info in header.items()}
 
 
 # torch.save's legacy (pre-1.6, non-zip) format: a pickle whose first object is this magic number.
@@ -133,20 +240,45 @@ def infer_config(state: dict[str, torch.Tensor], where: str, head_size_divisor: 
     )
 
 
-def build_model(checkpoint: Checkpoint) -> RWKV6:
-    """An RWKV6 holding the checkpoint's weights (float32, CPU); a mismatch names the keys."""
-    model = RWKV6(checkpoint.config)
-    state = dict(checkpoint.state)
-    faaaa = [k for k in state if k.endswith("att.time_faaaa")]
-    for key in faaaa:  # some exports store it as [H, N, 1] or flat
-        state[key] = state[key].reshape(checkpoint.config.num_heads, checkpoint.config.head_size)
-    try:
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    except RuntimeError as error:
-        shape_line = next((l.strip() for l in str(error).splitlines() if "size mismatch" in l), str(error)[:200])
-        raise LayerprobeError(f"{checkpoint.source}: {shape_line}") from None
+# Matrices that run through matmuls (and the embedding); every other tensor is a vector or norm.
+LOW_RANK = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
+
+
+def parameter_dtype(key: str, tensor: torch.Tensor, device: torch.device) -> torch.dtype:
+    """float32 on CPU. CUDA: bfloat16 for matrices (projections, LoRA, embedding, head), float32
+    for the mixing vectors, decays, bonus and norms, which the fused kernels read in float32."""
+    if device.type != "cuda":
+        return torch.float32
+    matrix = (key.endswith(".weight") and tensor.dim() == 2) or key.endswith(LOW_RANK)
+    return torch.bfloat16 if matrix else torch.float32
+
+
+def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> RWKV6:
+    """An RWKV6 holding the checkpoint's weights on ``device``; a mismatch names the keys.
+
+    The model is built on the meta device (no allocation, no random init) and each tensor goes
+    once from the (memory-mapped) file to its device, cast there: no float32 copy on the host.
+    """
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = RWKV6(checkpoint.config)
+    expected = dict(model.state_dict())
+    state = {}
+    for key, tensor in checkpoint.state.items():
+        if key.endswith("att.time_faaaa"):  # some exports store it as [H, N, 1] or flat
+            tensor = tensor.reshape(checkpoint.config.num_heads, checkpoint.config.head_size)
+        if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+            raise LayerprobeError(f"{checkpoint.source}: size mismatch for {key}: the checkpoint has "
+                                  f"{tuple(tensor.shape)}, an RWKV-6 of this config needs {tuple(expected[key].shape)}")
+        value = tensor.to(device).to(parameter_dtype(key, tensor, device))
+        if value.untyped_storage().nbytes() > 2 * value.nbytes and value.numel() < 2**20:
+            value = value.clone()  # a small view must not keep a streamed file's whole buffer alive
+        state[key] = value
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     if missing:
         raise LayerprobeError(f"{checkpoint.source}: missing {len(missing)} weight(s), e.g. {', '.join(missing[:3])}")
     if unexpected:
         raise LayerprobeError(f"{checkpoint.source}: {len(unexpected)} unknown weight(s), e.g. {', '.join(unexpected[:3])}; not RWKV-6 (x060)?")
+    model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)

@@ -20,7 +20,7 @@ class RWKVOptions:
     revision: str | None = None  # hub revision (branch, tag or commit)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     batch_tokens: int | None = None  # tokens per packed forward; null = 16384 on CUDA, 4096 on CPU
-    compile: bool = True  # CUDA: torch.compile the elementwise work between matmuls (one-off compile)
+    fused: bool = True  # CUDA: Triton kernels for the elementwise work between matmuls (false: plain PyTorch)
     progress: bool = True  # a progress bar for encodes that take more than a few seconds
 
 
@@ -46,11 +46,22 @@ class RWKVEncoder:
         if self._model is None:
             from plugins.rwkv.checkpoint import build_model, load_checkpoint
 
-            checkpoint = load_checkpoint(self.options.model, self.options.revision)
+            device, compiling = self.device, []
+            fused = self.options.fused and device.type == "cuda"
+
+            def precompile(config):  # the kernels compile while the weights stream in
+                from plugins.rwkv.fused import precompile_in_background
+
+                compiling.append(precompile_in_background(config, device))
+
+            checkpoint = load_checkpoint(self.options.model, self.options.revision, device, precompile if fused else None)
             self._checkpoint_source = checkpoint.source
             self._fingerprint = _fingerprint(checkpoint)
-            self._model = to_device(build_model(checkpoint), self.device)
-            self._model.compile = self.options.compile
+            model = build_model(checkpoint, device)
+            model.fused = fused
+            for thread in compiling:
+                thread.join()
+            self._model = model
         return self._model
 
     @property
@@ -135,16 +146,6 @@ class RWKVEncoder:
         return states, mask
 
 
-def to_device(model, device: torch.device):
-    """CPU: float32. CUDA: bfloat16 matrices (embedding, projections, LoRA), float32 vectors/norms."""
-    model = model.to(device)
-    if device.type == "cuda":
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2 and "time_faaaa" not in name:
-                parameter.data = parameter.data.to(torch.bfloat16)
-    return model
-
-
 def _packs(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
     start = 0
     while start < len(order):
@@ -159,8 +160,12 @@ def _packs(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.n
 def _fingerprint(checkpoint) -> str:
     """Config, tokenizer and a sample of every tensor: changes whenever the weights do, cheaply."""
     digest = hashlib.sha256(repr((checkpoint.config, "rwkv_vocab_v20230424")).encode())
-    for key in sorted(checkpoint.state):
-        tensor = checkpoint.state[key]
-        digest.update(key.encode() + repr(tuple(tensor.shape)).encode())
-        digest.update(tensor.reshape(-1)[:: max(1, tensor.numel() // 256)].float().numpy().tobytes())
+    keys = sorted(checkpoint.state)
+    samples = [checkpoint.state[k].reshape(-1)[:: max(1, checkpoint.state[k].numel() // 256)].float() for k in keys]
+    on_host = torch.cat(samples).cpu().numpy() if samples else np.zeros(0, np.float32)  # one transfer from a GPU
+    start = 0
+    for key, sample in zip(keys, samples):
+        digest.update(key.encode() + repr(tuple(checkpoint.state[key].shape)).encode())
+        digest.update(on_host[start: start + sample.numel()].tobytes())
+        start += sample.numel()
     return digest.hexdigest()[:16]

@@ -9,7 +9,6 @@ weights' dtype (float32 on CPU, bfloat16 on CUDA); the WKV state is float32.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -48,11 +47,10 @@ class RWKV6Config:
 class Packed:
     """Where each sentence starts in the packed token axis; token shift needs nothing else."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, total: int, compiled: bool = False):
+    def __init__(self, cu_seqlens: torch.Tensor, total: int):
         self.cu_seqlens = cu_seqlens
         self.is_start = torch.zeros(total, dtype=torch.bool, device=cu_seqlens.device)
         self.is_start[cu_seqlens[:-1]] = True
-        self.compiled = compiled
 
 
 def _shift(xx: torch.Tensor, is_start: torch.Tensor) -> torch.Tensor:
@@ -91,21 +89,6 @@ def _channel_mix(x, xx, is_start, maa_k, maa_r, key, value, receptance):
     return x + (r * (k @ value.t())).float()
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(function):
-    """torch.compile'd once per function with a dynamic token count, shared by every block.
-
-    ``emulate_precision_casts`` rounds intermediates to bfloat16 where eager PyTorch does: without
-    it the compiled model drifted further from the float32 CPU model (last-layer pooled cosine
-    0.9986 against eager's 0.9995 on random 1B6 weights).
-    """
-    return torch.compile(function, dynamic=True, options={"emulate_precision_casts": True})
-
-
-def _call(function, packed: Packed, *args):
-    return (_compiled(function) if packed.compiled else function)(*args)
-
-
 class TimeMix(nn.Module):
     def __init__(self, config: RWKV6Config):
         super().__init__()
@@ -131,13 +114,13 @@ class TimeMix(nn.Module):
         T, H, N = x.shape[0], self.config.num_heads, self.config.head_size
         maa_wkvrg = torch.cat([self.time_maa_w[0], self.time_maa_k[0], self.time_maa_v[0], self.time_maa_r[0], self.time_maa_g[0]])
         xx = _layer_norm(norm, x)
-        r, k, v, d, g = _call(_time_mix_inputs, packed, xx, packed.is_start, self.time_maa_x[0, 0], maa_wkvrg,
-                              self.time_maa_w1, self.time_maa_w2,
-                              self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
-                              self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
+        r, k, v, d, g = _time_mix_inputs(xx, packed.is_start, self.time_maa_x[0, 0], maa_wkvrg,
+                                         self.time_maa_w1, self.time_maa_w2,
+                                         self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
+                                         self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
         y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), d.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
         y = F.group_norm(y.view(T, H * N), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
-        return _call(_time_mix_output, packed, x, y, g, self.output.weight)
+        return _time_mix_output(x, y, g, self.output.weight)
 
 
 class ChannelMix(nn.Module):
@@ -152,7 +135,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
         """``x + ffn(ln(x))``: ReLU² key, sigmoid receptance."""
-        return _call(_channel_mix, packed, x, _layer_norm(norm, x), packed.is_start, self.time_maa_k[0, 0],
+        return _channel_mix(x, _layer_norm(norm, x), packed.is_start, self.time_maa_k[0, 0],
                      self.time_maa_r[0, 0], self.key.weight, self.value.weight, self.receptance.weight)
 
 
@@ -178,7 +161,7 @@ class RWKV6(nn.Module):
     def __init__(self, config: RWKV6Config):
         super().__init__()
         self.config = config
-        self.compile = False  # torch.compile the elementwise work between matmuls (CUDA)
+        self.fused = False  # CUDA: the Triton kernels of plugins.rwkv.fused between matmuls
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -196,12 +179,16 @@ class RWKV6(nn.Module):
 
     def continue_from(self, x: torch.Tensor, cu_seqlens: torch.Tensor, after: int, index: int) -> torch.Tensor:
         """``hidden_states[index]`` from ``x`` = ``hidden_states[after]`` (-1: the embeddings after ln0)."""
-        packed = Packed(cu_seqlens, x.shape[0], compiled=self.compile and x.is_cuda)
-        for block in self.blocks[after + 1: min(index + 1, self.config.num_layers)]:
+        packed = Packed(cu_seqlens, x.shape[0])
+        blocks = self.blocks[after + 1: min(index + 1, self.config.num_layers)]
+        final_norm = self.ln_out if index == self.config.num_layers else None
+        if self.fused and x.is_cuda:
+            from plugins.rwkv.fused import run_blocks
+
+            return run_blocks(blocks, x, packed.is_start, cu_seqlens, final_norm)
+        for block in blocks:
             x = block(x, packed)
-        if index == self.config.num_layers:
-            x = _layer_norm(self.ln_out, x)
-        return x
+        return x if final_norm is None else _layer_norm(final_norm, x)
 
     def logits(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         x = self.hidden_state(tokens, cu_seqlens, self.config.num_layers)

@@ -18,16 +18,16 @@ import torch
 
 
 def random_state(layers: int, hidden: int, ffn: int, vocab: int, head_size: int = 64, seed: int = 0,
-                 mix_rank: int = 32, decay_rank: int = 64) -> dict[str, torch.Tensor]:
-    """A BlinkDL-layout RWKV-6 state dict (the shapes the official runtime expects)."""
-    g = torch.Generator().manual_seed(seed)
+                 mix_rank: int = 32, decay_rank: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A BlinkDL-layout RWKV-6 state dict (the shapes the official runtime expects), made on ``device``."""
+    g = torch.Generator(device).manual_seed(seed)
     C, H = hidden, hidden // head_size
 
     def normal(*shape, std=1.0):
-        return torch.randn(*shape, generator=g) * std
+        return torch.randn(*shape, generator=g, device=device) * std
 
     def uniform(low, high, *shape):
-        return low + (high - low) * torch.rand(*shape, generator=g)
+        return low + (high - low) * torch.rand(*shape, generator=g, device=device)
 
     state = {"emb.weight": normal(vocab, C, std=1.0)}
     for i in range(layers):

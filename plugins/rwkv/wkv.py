@@ -1,4 +1,4 @@
-"""The WKV recurrence of RWKV-6 on packed sequences: a float32 reference, and a Triton kernel.
+"""The WKV recurrence of RWKV-6 on packed sequences: chunked (matmuls within chunks), and a step-by-step reference.
 
 Per head, with state S (key dim × value dim), for each token t of a sentence:
     out_t = r_t · (diag(u) k_t v_tᵀ + S)        S ← k_t v_tᵀ + diag(d_t) S,   d_t = exp(-exp(w_t))
@@ -13,12 +13,9 @@ import torch
 def wkv6(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
     """WKV of packed tokens ``[T, H, N]``; ``decay`` = exp(-exp(w)) in float32, ``u`` = time_faaaa ``[H, N]``.
 
-    Returns float32 ``[T, H, N]``. CUDA tensors use the Triton kernel; CPU ones the chunked form.
+    Returns float32 ``[T, H, N]``, by the chunked form on any device (the eager model's path; on
+    CUDA the fused kernel of ``plugins.rwkv.fused`` runs instead unless ``encoder.fused=false``).
     """
-    if r.is_cuda:
-        from plugins.rwkv.wkv_triton import wkv6_triton
-
-        return wkv6_triton(r, k, v, decay, u, cu_seqlens)
     return wkv6_chunked(r, k, v, decay, u, cu_seqlens)
 
 

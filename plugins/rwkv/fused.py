@@ -1,0 +1,341 @@
+"""RWKV-6 blocks on CUDA with the elementwise work between matmuls fused into Triton kernels.
+
+Per block the matmuls stay in cuBLAS (bf16); everything between them runs in five kernels:
+
+    ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16
+    lerp5          the five data-dependent mixes (rank-32 LoRA with tanh, as a small tl.dot)
+    wkv            WKV recurrence + decay exp(-exp(w)) + group norm + silu gate → bf16
+    ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
+    relu_square    ReLU² of the ffn key, in place
+
+The ffn's residual add (sigmoid(r) ⊙ kv) is folded into the next block's first kernel, so the
+float32 residual stream is read and written twice per block and no float32 copy of any other
+activation exists. Rounding to bfloat16 happens exactly where the eager model in
+``plugins.rwkv.model`` rounds (that model is the reference: same weights, same casts), so the two
+agree to float32 reduction order. Kernels compile on first use in about a second each (Triton's
+disk cache keeps them); launch choices per GPU family are data in ``launch.json``, never tuned
+on a user's first call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+LAUNCH_FILE = Path(__file__).with_name("launch.json")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the CPU tests)
+
+
+@functools.lru_cache(maxsize=None)
+def launch_choices(capability: tuple[int, int]) -> dict:
+    """The launch table for a GPU family (``sm_90`` …), else the table's safe ``default``."""
+    table = json.loads(LAUNCH_FILE.read_text())
+    return {**table["default"], **table.get(f"sm_{capability[0]}{capability[1]}", {})}
+
+
+@triton.jit
+def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
+    """The residual stream with the pending add: 1 = + att_out, 2 = + sigmoid(r) ⊙ kv (ffn)."""
+    x = tl.load(X + offset, mask=mask, other=0.0)
+    if ADD_MODE == 1:
+        x += tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)
+    if ADD_MODE == 2:
+        r = _bf16(tl.sigmoid(tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)))
+        kv = tl.load(ADD1 + offset, mask=mask, other=0.0)
+        x += _bf16(r.to(tl.float32) * kv.to(tl.float32)).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _bf16(x):
+    """float32 → bfloat16, round to nearest even, spelled out in bits: what the GPU's conversion
+    does, and what Triton 3.6's interpreter (the CPU tests) gets wrong (it truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 from exp (a series near 0, where (1 - e)/(1 + e) would cancel); Triton's
+    interpreter has no libdevice, and the CPU tests run these kernels there."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    squared = a * a
+    t = tl.where(a < 0.0625, a * (1.0 - squared / 3.0 * (1.0 - 0.4 * squared)), (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _centre(x, mask, C: tl.constexpr, eps):
+    mean = tl.sum(x, axis=0) / C
+    centred = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=0) / C + eps)
+    return centred, mean, rstd
+
+
+@triton.jit(do_not_specialize=["T"])
+def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T, eps,
+                  C: tl.constexpr, BLOCK_C: tl.constexpr, ADD_MODE: tl.constexpr, NUM_MIX: tl.constexpr,
+                  WRITE_STATS: tl.constexpr):
+    """One token (row): x (+ pending add) → X_OUT; ln(x); lerp toward the previous token's ln."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = _residual(X, ADD0, ADD1, row * C + cols, mask, ADD_MODE)
+    if ADD_MODE != 0:
+        tl.store(X_OUT + row * C + cols, x, mask=mask)
+    w = tl.load(LN_W + cols, mask=mask, other=0.0)
+    b = tl.load(LN_B + cols, mask=mask, other=0.0)
+    centred, mean, rstd = _centre(x, mask, C, eps)
+    xx = centred * rstd * w + b
+    if WRITE_STATS:
+        tl.store(STATS + row * 2, mean)
+        tl.store(STATS + row * 2 + 1, rstd)
+    has_prev = tl.load(IS_START + row + tl.zeros_like(cols)) == 0  # one flag, as a vector like the mask
+    prev = _residual(X, ADD0, ADD1, (row - 1) * C + cols, mask & has_prev, ADD_MODE)
+    prev_centred, _, prev_rstd = _centre(prev, mask, C, eps)
+    sx = tl.where(has_prev, prev_centred * prev_rstd * w + b, 0.0) - xx
+    plane = T.to(tl.int64) * C
+    for i in tl.static_range(NUM_MIX):
+        maa = tl.load(MAA + i * C + cols, mask=mask, other=0.0)
+        tl.store(MIX + i * plane + row * C + cols, _bf16(xx + sx * maa), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
+           C: tl.constexpr, RANK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Mixes w, k, v, r, g of a [BT, BC] tile: xx + sx ⊙ (maa_i + tanh(lora_i) @ w2_i)."""
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    row_ok, col_ok = rows < T, cols < C
+    ok = row_ok[:, None] & col_ok[None, :]
+    w = tl.load(LN_W + cols, mask=col_ok, other=0.0)[None, :]
+    b = tl.load(LN_B + cols, mask=col_ok, other=0.0)[None, :]
+    x = tl.load(X + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    mean = tl.load(STATS + rows * 2, mask=row_ok, other=0.0)[:, None]
+    rstd = tl.load(STATS + rows * 2 + 1, mask=row_ok, other=0.0)[:, None]
+    xx = (x - mean) * rstd * w + b
+    has_prev = row_ok & (tl.load(IS_START + rows, mask=row_ok, other=1) == 0)
+    prev_ok = has_prev[:, None] & col_ok[None, :]
+    xp = tl.load(X + (rows - 1)[:, None] * C + cols[None, :], mask=prev_ok, other=0.0)
+    mean_p = tl.load(STATS + (rows - 1) * 2, mask=has_prev, other=0.0)[:, None]
+    rstd_p = tl.load(STATS + (rows - 1) * 2 + 1, mask=has_prev, other=0.0)[:, None]
+    sx = tl.where(prev_ok, (xp - mean_p) * rstd_p * w + b, 0.0) - xx
+    ranks = tl.arange(0, RANK)
+    plane = T.to(tl.int64) * C
+    for i in tl.static_range(5):
+        lora = tl.load(LORA + rows[:, None] * (5 * RANK) + i * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
+        lora = _bf16(_tanh(lora.to(tl.float32)))
+        w2 = tl.load(W2 + i * RANK * C + ranks[:, None] * C + cols[None, :], mask=col_ok[None, :], other=0.0)
+        if DOT_BF16:  # the bf16 bmm's product with float32 accumulation
+            m = tl.dot(lora, w2)
+        else:  # the same numbers (bf16 values are exact in tf32); Triton's interpreter mishandles bf16 dots
+            m = tl.dot(lora.to(tl.float32), w2.to(tl.float32), input_precision="tf32")
+        m = _bf16(m).to(tl.float32)
+        maa = tl.load(MAA + i * C + cols, mask=col_ok, other=0.0)[None, :]
+        tl.store(MIX + i * plane + rows[:, None] * C + cols[None, :], _bf16(xx + sx * (maa + m)), mask=ok)
+
+
+@triton.jit
+def _wkv(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.constexpr, N: tl.constexpr):
+    """One (sentence, head): the recurrence in float32 registers, then group norm and gate per token.
+
+    The next token's inputs are loaded before the current one is computed (the loop is latency-bound).
+    """
+    sentence, head = tl.program_id(0), tl.program_id(1)
+    start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
+    end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
+    n = tl.arange(0, N)
+    channel = head * N + n
+    bonus = tl.load(U + channel)
+    time_decay = tl.load(TIME_DECAY + channel)
+    ln_w = tl.load(LNX_W + channel)
+    ln_b = tl.load(LNX_B + channel)
+    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
+    offset = start * H * N + channel
+    r = tl.load(R + offset).to(tl.float32)
+    k = tl.load(K + offset).to(tl.float32)
+    v = tl.load(V + offset).to(tl.float32)
+    wd = tl.load(WD + offset).to(tl.float32)
+    g = tl.load(G + offset).to(tl.float32)
+    for t in range(start, end):
+        following = (t + 1 + tl.zeros_like(n)) < end
+        next_offset = offset + H * N
+        r_next = tl.load(R + next_offset, mask=following, other=0.0).to(tl.float32)
+        k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
+        v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
+        wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
+        g_next = tl.load(G + next_offset, mask=following, other=0.0).to(tl.float32)
+        decay = tl.exp(-tl.exp(time_decay + wd))
+        kv = k[:, None] * v[None, :]
+        out = tl.sum(r[:, None] * (bonus[:, None] * kv + state), axis=0)
+        state = kv + decay[:, None] * state
+        mean = tl.sum(out, axis=0) / N
+        centred = out - mean
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=0) / N + eps)
+        gate = _bf16(g * tl.sigmoid(g)).to(tl.float32)
+        tl.store(Y + offset, _bf16((centred * rstd * ln_w + ln_b) * gate))
+        offset = next_offset
+        r, k, v, wd, g = r_next, k_next, v_next, wd_next, g_next
+
+
+@triton.jit(do_not_specialize=["count"])
+def _relu_square(X, count, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < count
+    x = tl.maximum(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(X + offsets, _bf16(x * x), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _residual_out(X, ADD0, ADD1, LN_W, LN_B, OUT, T, eps, C: tl.constexpr, BLOCK_C: tl.constexpr,
+                  ADD_MODE: tl.constexpr, NORM: tl.constexpr):
+    """The last pending add, and ``ln_out`` when the last entry of hidden_states is asked for."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = _residual(X, ADD0, ADD1, row * C + cols, mask, ADD_MODE)
+    if NORM:
+        centred, _, rstd = _centre(x, mask, C, eps)
+        x = centred * rstd * tl.load(LN_W + cols, mask=mask, other=0.0) + tl.load(LN_B + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * C + cols, x, mask=mask)
+
+
+class _Pending:
+    """A residual add not yet applied: kernels downstream apply it while reading x."""
+
+    def __init__(self, mode: int = 0, add0: torch.Tensor | None = None, add1: torch.Tensor | None = None):
+        self.mode, self.add0, self.add1 = mode, add0, add1
+
+    def args(self, x):
+        return (self.add0 if self.add0 is not None else x), (self.add1 if self.add1 is not None else x)
+
+
+def _ln_shift_lerp(x, pending, is_start, norm, maa, launch, stats=None):
+    """(x with the pending add, bf16 mixes [len(maa), T, C]); ``stats`` [T, 2] filled when given."""
+    T, C = x.shape
+    x_out = torch.empty_like(x) if pending.mode else x
+    mix = torch.empty(maa.shape[0], T, C, dtype=torch.bfloat16, device=x.device)
+    add0, add1 = pending.args(x)
+    _ln_shift_mix[(T,)](x, x_out, add0, add1, is_start, norm.weight, norm.bias, maa, mix,
+                        stats if stats is not None else x, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
+                        ADD_MODE=pending.mode, NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
+                        num_warps=launch["row_warps"])
+    return x_out, mix
+
+
+def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
+    """x + att(ln(x)) as (new x, pending add of the attention output)."""
+    T, C = x.shape
+    H, N = att.time_faaaa.shape
+    stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
+    x, mix_x = _ln_shift_lerp(x, pending, is_start, norm, att.time_maa_x.view(1, C), launch, stats)
+    lora = mix_x[0] @ att.time_maa_w1
+    maa = torch.cat([att.time_maa_w, att.time_maa_k, att.time_maa_v, att.time_maa_r, att.time_maa_g]).view(5, C)
+    mixes = torch.empty(5, T, C, dtype=torch.bfloat16, device=x.device)
+    bt, bc = launch["lerp_rows"], launch["lerp_cols"]
+    _lerp5[(triton.cdiv(T, bt), triton.cdiv(C, bc))](x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2,
+                                                     maa, mixes, T, C=C, RANK=att.time_maa_w2.shape[1], BT=bt, BC=bc,
+                                                     DOT_BF16=not INTERPRETED, num_warps=launch["lerp_warps"])
+    wx, kx, vx, rx, gx = mixes.unbind(0)
+    r, k, v, g = rx @ att.receptance.weight.t(), kx @ att.key.weight.t(), vx @ att.value.weight.t(), gx @ att.gate.weight.t()
+    wd = torch.tanh(wx @ att.time_decay_w1) @ att.time_decay_w2
+    y = torch.empty_like(r)
+    _wkv[(cu_seqlens.numel() - 1, H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
+                                      att.ln_x.bias, y, cu_seqlens, att.ln_x.eps, H=H, N=N, num_warps=launch["wkv_warps"])
+    return x, _Pending(1, y @ att.output.weight.t())
+
+
+def _channel_mix(ffn, x, pending, norm, is_start, launch):
+    """x + ffn(ln(x)) as (new x, pending add of sigmoid(r) ⊙ kv)."""
+    C = x.shape[1]
+    x, (xk, xr) = _ln_shift_lerp(x, pending, is_start, norm, torch.cat([ffn.time_maa_k, ffn.time_maa_r]).view(2, C), launch)
+    key = xk @ ffn.key.weight.t()
+    block = launch["elementwise_block"]
+    _relu_square[(triton.cdiv(key.numel(), block),)](key, key.numel(), BLOCK=block, num_warps=launch["elementwise_warps"])
+    return x, _Pending(2, xr @ ffn.receptance.weight.t(), key @ ffn.value.weight.t())
+
+
+def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torch.Tensor,
+               final_norm: torch.nn.LayerNorm | None) -> torch.Tensor:
+    """``x`` (float32 [T, C]) through ``blocks``, then ``final_norm`` if given: the eager model's result."""
+    launch = launch_choices(torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0))  # CPU: Triton's interpreter
+    is_start = is_start.view(torch.uint8)
+    pending = _Pending()
+    for block in blocks:
+        x, pending = _time_mix(block.att, x, pending, block.ln1, is_start, cu_seqlens, launch)
+        x, pending = _channel_mix(block.ffn, x, pending, block.ln2, is_start, launch)
+    if not pending.mode and final_norm is None:
+        return x
+    T, C = x.shape
+    out = torch.empty_like(x)
+    add0, add1 = pending.args(x)
+    norm = final_norm if final_norm is not None else blocks[-1].ln1  # unused when NORM is false
+    _residual_out[(T,)](x, add0, add1, norm.weight, norm.bias, out, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
+                        ADD_MODE=pending.mode, NORM=final_norm is not None, num_warps=launch["row_warps"])
+    return out
+
+
+def _specializations(config, launch: dict) -> list[tuple]:
+    """(kernel, argument dtypes or values, keywords) of every launch ``run_blocks`` makes for a model
+    of this config: what ``precompile`` compiles. Pointer arguments are given by dtype, as Triton's
+    warm-up takes them; a kernel launched with other dtypes or constants compiles on first use."""
+    f32, bf16, u8, i64 = torch.float32, torch.bfloat16, torch.uint8, torch.int64
+    C, A, H, N = config.hidden_size, config.attention, config.num_heads, config.head_size
+    row = dict(C=C, BLOCK_C=triton.next_power_of_2(C), num_warps=launch["row_warps"])
+    eps, T = 1e-5, 4096
+    specs = []
+    for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):  # block 0, later blocks: ln1 + mix x
+        specs.append((_ln_shift_mix, (f32, f32, add0, add1, u8, f32, f32, f32, bf16, f32, T, eps),
+                      dict(row, ADD_MODE=add_mode, NUM_MIX=1, WRITE_STATS=True)))
+    specs.append((_ln_shift_mix, (f32, f32, bf16, f32, u8, f32, f32, f32, bf16, f32, T, eps),  # ln2 + mixes k, r
+                  dict(row, ADD_MODE=1, NUM_MIX=2, WRITE_STATS=False)))
+    specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
+                  dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
+                       num_warps=launch["lerp_warps"])))
+    specs.append((_wkv, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, i64, eps),
+                  dict(H=H, N=N, num_warps=launch["wkv_warps"])))
+    specs.append((_relu_square, (bf16, T * config.ffn_size), dict(BLOCK=launch["elementwise_block"], num_warps=launch["elementwise_warps"])))
+    for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):
+        for norm in (False, True):
+            specs.append((_residual_out, (f32, add0, add1, f32, f32, f32, T, eps), dict(row, ADD_MODE=add_mode, NORM=norm)))
+    return specs
+
+
+def precompile(config, device: torch.device) -> None:
+    """Compile every kernel this model will launch, in parallel threads (Triton's asynchronous
+    compile mode), or load them from Triton's disk cache; and initialise cuBLAS. Costs a second
+    or two the first time on a machine, a fraction of that afterwards."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    with torch.cuda.device(device):
+        launch = launch_choices(torch.cuda.get_device_capability(device))
+        specs = _specializations(config, launch)
+        with ThreadPoolExecutor(max_workers=len(specs)) as pool, AsyncCompileMode(pool):
+            for kernel, args, keywords in specs:
+                kernel.warmup(*args, grid=(1,), **keywords)
+        warm = torch.zeros(64, 64, dtype=torch.bfloat16, device=device)
+        (warm @ warm).sum().item()  # cuBLAS handle and workspace
+
+
+def precompile_in_background(config, device: torch.device) -> threading.Thread:
+    """``precompile`` in a thread, so that it overlaps the weights' loading; join it before use."""
+    def run():
+        try:
+            precompile(config, device)
+        except Exception as error:  # noqa: BLE001 - only a head start: a kernel that fails here fails at its launch
+            thread.error = error
+
+    thread = threading.Thread(target=run, name="layerprobe-rwkv-precompile", daemon=True)
+    thread.error = None
+    thread.start()
+    return thread
