@@ -157,6 +157,40 @@ def step_first_result(args) -> None:
                                             to_first_result=first - imported)), flush=True)
 
 
+def step_load(args) -> None:
+    """Where a fresh process's load time goes: each phase alone, in this process, in order."""
+    from plugins.rwkv import checkpoint as ck
+    from plugins.rwkv import fused
+    from plugins.rwkv.encoder import _fingerprint
+
+    phases = {}
+
+    def phase(name, function):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = function()
+        torch.cuda.synchronize()
+        phases[name] = time.perf_counter() - started
+        return result
+
+    torch.cuda.init()
+    phase("cuda_context", lambda: torch.zeros(1, device="cuda"))
+    pinned = phase("pin_64MiB", lambda: torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True))
+
+    def read_file():
+        view = memoryview(pinned.numpy())
+        with open(args.path, "rb", buffering=0) as handle:
+            while handle.readinto(view):
+                pass
+
+    phase("read_file_into_pinned", read_file)
+    checkpoint = phase("load_checkpoint", lambda: ck.load_checkpoint(str(args.path), device="cuda"))
+    phase("fingerprint", lambda: _fingerprint(checkpoint))
+    model = phase("build_model", lambda: ck.build_model(checkpoint, torch.device("cuda")))
+    phase("precompile", lambda: fused.precompile(model.config, torch.device("cuda")))
+    record(args, step="load", file=args.path.suffix, gib=args.path.stat().st_size / 2**30, **phases)
+
+
 def step_cold(args) -> None:
     """Fresh processes on a page-cached weights file (safetensors, then .pth): compile caches empty, then warm."""
     for path in (args.path.with_suffix(".safetensors"), args.path.with_suffix(".pth")):
@@ -282,13 +316,14 @@ def step_tune(args) -> None:
     y = torch.empty_like(r)
     best = {}
 
-    def pick(name, choices, launch):
+    def pick(name, choices, launch, keep=True):
         timings = {}
         for choice in choices:
             ms = triton.testing.do_bench(lambda: launch(**choice), return_mode="median")
             timings[json.dumps(choice)] = ms
             record(args, step="tune", kernel=name, tokens=T, choice=choice, ms=ms)
-        best.update(json.loads(min(timings, key=timings.get)))
+        if keep:
+            best.update(json.loads(min(timings, key=timings.get)))
 
     pick("ln_shift_mix", [{"row_warps": w} for w in (4, 8, 16)],
          lambda row_warps: fused._ln_shift_mix[(T,)](x, x, x, x, is_start, norm.weight, norm.bias, maa5, mixes, stats, T, 1e-5,
@@ -296,10 +331,15 @@ def step_tune(args) -> None:
     pick("lerp5", [{"lerp_rows": bt, "lerp_cols": bc, "lerp_warps": w} for bt in (16, 32, 64) for bc in (64, 128, 256) for w in (4, 8)],
          lambda lerp_rows, lerp_cols, lerp_warps: fused._lerp5[(triton.cdiv(T, lerp_rows), triton.cdiv(C, lerp_cols))](
              x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2, maa5, mixes, T, C=C, RANK=32,
-             BT=lerp_rows, BC=lerp_cols, num_warps=lerp_warps))
-    pick("wkv", [{"wkv_warps": w} for w in (1, 2, 4)],
-         lambda wkv_warps: fused._wkv[(len(ids), H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
-                                                     att.ln_x.bias, y, cu, att.ln_x.eps, H=H, N=N, num_warps=wkv_warps))
+             BT=lerp_rows, BC=lerp_cols, DOT_BF16=True, num_warps=lerp_warps))
+    pick("lerp5 with a tf32 dot", [{"lerp_rows": bt, "lerp_cols": bc, "lerp_warps": 4} for bt, bc in ((16, 128), (64, 64), (32, 128))],
+         lambda lerp_rows, lerp_cols, lerp_warps: fused._lerp5[(triton.cdiv(T, lerp_rows), triton.cdiv(C, lerp_cols))](
+             x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2, maa5, mixes, T, C=C, RANK=32,
+             BT=lerp_rows, BC=lerp_cols, DOT_BF16=False, num_warps=lerp_warps), keep=False)
+    pick("wkv", [{"wkv_block": b, "wkv_warps": w} for b in (16, 32, 64) for w in (2, 4, 8)],
+         lambda wkv_block, wkv_warps: fused._wkv[(len(ids), H)](
+             r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y, cu, att.ln_x.eps,
+             H=H, N=N, BT=wkv_block, num_warps=wkv_warps))
     big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
@@ -383,7 +423,7 @@ def step_report(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=["all", "weights", "matmul", "cold", "first-result", "ours", "fla", "parity",
+    parser.add_argument("step", choices=["all", "weights", "matmul", "cold", "first-result", "load", "ours", "fla", "parity",
                                          "tune", "official", "report"])
     parser.add_argument("path", nargs="?", type=Path, default=Path("/tmp/rwkv1b6.safetensors"),
                         help="weights (the weights step writes both this .safetensors and a .pth beside it)")

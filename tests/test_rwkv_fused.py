@@ -110,7 +110,11 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     assert relative(mixes, (xx + sx * (maa[:, None, :] + m)).bfloat16()) < 1e-3
 
 
-def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch):
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("decays", ["slow", "fast"])
+def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, decays):
+    """Blocks that factorise into matmuls ("slow" decays) and blocks formed in log space ("fast":
+    decays that multiply to far below e^-60 within a block), sentences of 1 to 40 tokens."""
     fast, _ = models
     _, cu = batch
     att = fast.blocks[0].att
@@ -118,11 +122,13 @@ def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch):
     T = int(cu[-1])
     generator = torch.Generator().manual_seed(5)
     r, k, v, g = (torch.randn(T, H * N, generator=generator).bfloat16().to(DEVICE) for _ in range(4))
-    wd = (0.5 * torch.randn(T, H * N, generator=generator)).bfloat16().to(DEVICE)
+    wd = (0.5 * torch.randn(T, H * N, generator=generator) + (4.0 if decays == "fast" else 0.0)).bfloat16().to(DEVICE)
     y = torch.full((T, H * N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     fused._wkv[(len(LENGTHS), H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
-                                  att.ln_x.bias, y, cu, att.ln_x.eps, H=H, N=N)
+                                  att.ln_x.bias, y, cu, att.ln_x.eps, H=H, N=N, BT=block)
     decay = torch.exp(-torch.exp(att.time_decay[0, 0] + wd.float()))
+    if decays == "fast":
+        assert float(decay.log()[:16].sum(0).min()) < -60  # the log-space path is exercised
     states = wkv6_reference(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), decay.view(T, H, N), att.time_faaaa, cu)
     expected = (F.group_norm(states.view(T, H * N), H, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps) * F.silu(g).float()).bfloat16()
     assert not y.isnan().any()
