@@ -282,6 +282,24 @@ def step_fla(args) -> None:
         torch.cuda.empty_cache()
 
 
+def step_profile(args) -> None:
+    """Where the GPU time goes: kernels of 24-block forwards over workload B's first 3,000 sentences."""
+    from torch.profiler import ProfilerActivity, profile
+
+    encoder = load_encoder(args.path, "cuda", fused=not args.eager)
+    ids = sentences(WORKLOADS["B"])[:3000]
+    layer = encoder.resolve_layer(-1)
+    pooled(encoder, ids, layer)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pooled(encoder, ids, layer)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    print(f"GPU busy {total / 1e3:.1f} ms for {sum(map(len, ids))} tokens")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"{100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 1e3:8.2f} ms  {e.count:6d}×  {e.key[:90]}")
+
+
 def step_matmul(args) -> None:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -424,7 +442,7 @@ def step_report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("step", choices=["all", "weights", "matmul", "cold", "first-result", "load", "ours", "fla", "parity",
-                                         "tune", "official", "report"])
+                                         "tune", "profile", "official", "report"])
     parser.add_argument("path", nargs="?", type=Path, default=Path("/tmp/rwkv1b6.safetensors"),
                         help="weights (the weights step writes both this .safetensors and a .pth beside it)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "rwkv_gpu.jsonl")
