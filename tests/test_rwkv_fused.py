@@ -110,11 +110,12 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     assert relative(mixes, (xx + sx * (maa[:, None, :] + m)).bfloat16()) < 1e-3
 
 
-@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("kernel,block", [("steps", 16), ("blocks", 16), ("blocks", 32)])
 @pytest.mark.parametrize("decays", ["slow", "fast"])
-def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, decays):
-    """Blocks that factorise into matmuls ("slow" decays) and blocks formed in log space ("fast":
-    decays that multiply to far below e^-60 within a block), sentences of 1 to 40 tokens."""
+def test_wkv_kernels_equal_recurrence_group_norm_and_gate(models, batch, kernel, block, decays):
+    """Both WKV kernels; for the block kernel, blocks that factorise into matmuls ("slow" decays)
+    and blocks formed in log space ("fast": decays multiplying to far below e^-60 within a block);
+    sentences of 1 to 40 tokens."""
     fast, _ = models
     _, cu = batch
     att = fast.blocks[0].att
@@ -124,8 +125,12 @@ def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, 
     r, k, v, g = (torch.randn(T, H * N, generator=generator).bfloat16().to(DEVICE) for _ in range(4))
     wd = (0.5 * torch.randn(T, H * N, generator=generator) + (4.0 if decays == "fast" else 0.0)).bfloat16().to(DEVICE)
     y = torch.full((T, H * N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-    fused._wkv[(len(LENGTHS), H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
-                                  att.ln_x.bias, y, cu, att.ln_x.eps, H=H, N=N, BT=block)
+    common = (att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
+    if kernel == "steps":
+        scratch = torch.full((T, H * N), float("nan"), device=DEVICE)
+        fused._wkv_steps[(len(LENGTHS), H)](r, k, v, wd, *common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=block)
+    else:
+        fused._wkv_blocks[(len(LENGTHS), H)](r, k, v, wd, *common, cu, att.ln_x.eps, H=H, N=N, BT=block, PRECISION="ieee")
     decay = torch.exp(-torch.exp(att.time_decay[0, 0] + wd.float()))
     if decays == "fast":
         assert float(decay.log()[:16].sum(0).min()) < -60  # the log-space path is exercised

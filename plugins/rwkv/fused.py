@@ -149,8 +149,8 @@ def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
 
 
 @triton.jit
-def _wkv(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.constexpr, N: tl.constexpr,
-         BT: tl.constexpr):
+def _wkv_blocks(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.constexpr, N: tl.constexpr,
+                BT: tl.constexpr, PRECISION: tl.constexpr):
     """One (sentence, head), ``BT`` tokens at a time: WKV, then group norm and gate, per block.
 
     Within a block the recurrence is a masked [BT, BT] attention whose weights carry the decays
@@ -186,8 +186,8 @@ def _wkv(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.
         last = tl.sum(log_decay, axis=0)  # G at the block's end
         r_decayed = r * tl.exp(before)
         if tl.min(last, axis=0) > SAFE_LOG_DECAY:
-            attention = tl.dot(r_decayed, tl.trans(k * tl.exp(-cumulative)), input_precision="ieee")
-            out = tl.dot(tl.where(earlier, attention, 0.0), v, input_precision="ieee")
+            attention = tl.dot(r_decayed, tl.trans(k * tl.exp(-cumulative)), input_precision=PRECISION)
+            out = tl.dot(tl.where(earlier, attention, 0.0), v, input_precision=PRECISION)
         else:
             out = tl.zeros([BT, N], dtype=tl.float32)
             g = tl.zeros([N], dtype=tl.float32)
@@ -201,10 +201,61 @@ def _wkv(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.
                 weight = tl.exp(tl.minimum(before - g[None, :], 0.0))  # exact for t > s, masked below
                 column = tl.sum(r * k_s[None, :] * weight, axis=1)
                 out += tl.where(rows > s, column, 0.0)[:, None] * v_s[None, :]
-        out += tl.dot(r_decayed, state, input_precision="ieee")
+        out += tl.dot(r_decayed, state, input_precision=PRECISION)
         out += tl.sum(r * bonus * k, axis=1)[:, None] * v  # the token's own k v, weighted by u
         state = tl.exp(last)[:, None] * state + tl.dot(tl.trans(k * tl.exp(last[None, :] - cumulative)), v,
-                                                        input_precision="ieee")
+                                                        input_precision=PRECISION)
+        mean = tl.sum(out, axis=1) / N
+        centred = out - mean[:, None]
+        rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
+        gate = tl.load(G + offsets, mask=valid, other=0.0).to(tl.float32)
+        gate = _bf16(gate * tl.sigmoid(gate)).to(tl.float32)
+        tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
+
+
+@triton.jit
+def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, eps, H: tl.constexpr,
+               N: tl.constexpr, BT: tl.constexpr):
+    """One (sentence, head), token by token: the state in float32 registers, each token's output to
+    ``SCRATCH`` (float32); then group norm and gate over the sentence, ``BT`` tokens at a time.
+
+    The loop carries only the state update, so it is short and latency-bound: the next token's
+    inputs are loaded before the current one is computed. Exact for any decay.
+    """
+    sentence, head = tl.program_id(0), tl.program_id(1)
+    start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
+    end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
+    n = tl.arange(0, N)
+    channel = head * N + n
+    bonus = tl.load(U + channel)
+    time_decay = tl.load(TIME_DECAY + channel)
+    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
+    offset = start * H * N + channel
+    r = tl.load(R + offset).to(tl.float32)
+    k = tl.load(K + offset).to(tl.float32)
+    v = tl.load(V + offset).to(tl.float32)
+    wd = tl.load(WD + offset).to(tl.float32)
+    for t in range(start, end):
+        following = (t + 1 + tl.zeros_like(n)) < end
+        next_offset = offset + H * N
+        r_next = tl.load(R + next_offset, mask=following, other=0.0).to(tl.float32)
+        k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
+        v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
+        wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
+        kv = k[:, None] * v[None, :]
+        tl.store(SCRATCH + offset, tl.sum(r[:, None] * (bonus[:, None] * kv + state), axis=0))
+        state = kv + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
+        offset = next_offset
+        r, k, v, wd = r_next, k_next, v_next, wd_next
+    tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
+    rows = tl.arange(0, BT)
+    ln_w = tl.load(LNX_W + channel)[None, :]
+    ln_b = tl.load(LNX_B + channel)[None, :]
+    for first in range(start, end, BT):
+        tokens = first + rows
+        valid = (tokens < end)[:, None] & (n >= 0)[None, :]
+        offsets = tokens[:, None] * (H * N) + channel[None, :]
+        out = tl.load(SCRATCH + offsets, mask=valid, other=0.0)
         mean = tl.sum(out, axis=1) / N
         centred = out - mean[:, None]
         rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
@@ -275,9 +326,15 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
     r, k, v, g = rx @ att.receptance.weight.t(), kx @ att.key.weight.t(), vx @ att.value.weight.t(), gx @ att.gate.weight.t()
     wd = torch.tanh(wx @ att.time_decay_w1) @ att.time_decay_w2
     y = torch.empty_like(r)
-    _wkv[(cu_seqlens.numel() - 1, H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
-                                      att.ln_x.bias, y, cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"],
-                                      num_warps=launch["wkv_warps"])
+    grid = (cu_seqlens.numel() - 1, H)
+    if launch["wkv_kernel"] == "steps":
+        _wkv_steps[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
+                         torch.empty(r.shape, dtype=torch.float32, device=r.device), cu_seqlens, att.ln_x.eps, H=H, N=N,
+                         BT=launch["wkv_block"], num_warps=launch["wkv_warps"])
+    else:
+        _wkv_blocks[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
+                          cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"],
+                          num_warps=launch["wkv_warps"])
     return x, _Pending(1, y @ att.output.weight.t())
 
 
@@ -328,8 +385,12 @@ def _specializations(config, launch: dict) -> list[tuple]:
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
-    specs.append((_wkv, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, i64, eps),
-                  dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
+    if launch["wkv_kernel"] == "steps":
+        specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, eps),
+                      dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
+    else:
+        specs.append((_wkv_blocks, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, i64, eps),
+                      dict(H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"], num_warps=launch["wkv_warps"])))
     specs.append((_relu_square, (bf16, T * config.ffn_size), dict(BLOCK=launch["elementwise_block"], num_warps=launch["elementwise_warps"])))
     for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):
         for norm in (False, True):
