@@ -186,12 +186,7 @@ def step_load(args) -> None:
     phase("read_file_into_pinned", read_file)
     checkpoint = phase("load_checkpoint", lambda: ck.load_checkpoint(str(args.path), device="cuda"))
     phase("fingerprint", lambda: _fingerprint(checkpoint))
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    model = phase("build_model", lambda: profiler.runcall(ck.build_model, checkpoint, torch.device("cuda")))
-    pstats.Stats(profiler).sort_stats("cumulative").print_stats(14)
+    model = phase("build_model", lambda: ck.build_model(checkpoint, torch.device("cuda")))
     phase("precompile", lambda: fused.precompile(model.config, torch.device("cuda")))
     record(args, step="load", file=args.path.suffix, gib=args.path.stat().st_size / 2**30, **phases)
 
@@ -361,17 +356,19 @@ def step_tune(args) -> None:
              BT=lerp_rows, BC=lerp_cols, DOT_BF16=False, num_warps=lerp_warps), keep=False)
     scratch = torch.empty(T, C, device="cuda")
 
-    def wkv(wkv_kernel, wkv_block, wkv_warps, wkv_precision):
+    def wkv(wkv_kernel, wkv_block, wkv_warps, wkv_precision, wkv_value_major=False):
         common = (r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
         if wkv_kernel == "steps":
-            fused._wkv_steps[(len(ids), H)](*common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, num_warps=wkv_warps)
+            fused._wkv_steps[(len(ids), H)](*common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block,
+                                            VALUE_MAJOR=wkv_value_major, num_warps=wkv_warps)
         else:
             fused._wkv_blocks[(len(ids), H)](*common, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, PRECISION=wkv_precision,
                                              num_warps=wkv_warps)
 
-    pick("wkv", [{"wkv_kernel": "steps", "wkv_block": b, "wkv_warps": w, "wkv_precision": "ieee"} for b in (16, 32) for w in (1, 2, 4)]
-         + [{"wkv_kernel": "blocks", "wkv_block": 16, "wkv_warps": w, "wkv_precision": p}
-            for w in (2, 4) for p in ("ieee", "tf32x3", "tf32")], wkv)
+    pick("wkv", [{"wkv_kernel": "steps", "wkv_block": 16, "wkv_warps": w, "wkv_precision": "ieee", "wkv_value_major": major}
+                 for w in (1, 2) for major in (False, True)]
+         + [{"wkv_kernel": "blocks", "wkv_block": 16, "wkv_warps": 4, "wkv_precision": p, "wkv_value_major": False}
+            for p in ("ieee", "tf32x3")], wkv)
     big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](

@@ -260,8 +260,7 @@ def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> R
     once from the (memory-mapped) file to its device, cast there: no float32 copy on the host.
     """
     device = torch.device(device)
-    with torch.device("meta"):
-        model = RWKV6(checkpoint.config)
+    model = RWKV6(checkpoint.config, device="meta")  # (not `with torch.device(...)`: that imports torch._dynamo, seconds)
     expected = dict(model.state_dict())
     state = {}
     for key, tensor in checkpoint.state.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -61,6 +62,8 @@ class RWKVEncoder:
             model.fused = fused
             for thread in compiling:
                 thread.join()
+                if thread.error is not None:  # only a head start was lost: kernels compile at first use
+                    warnings.warn(f"precompiling the RWKV-6 kernels failed ({type(thread.error).__name__}: {thread.error})")
             self._model = model
         return self._model
 

@@ -90,24 +90,24 @@ def _channel_mix(x, xx, is_start, maa_k, maa_r, key, value, receptance):
 
 
 class TimeMix(nn.Module):
-    def __init__(self, config: RWKV6Config):
+    def __init__(self, config: RWKV6Config, device=None):
         super().__init__()
         C, A, H = config.hidden_size, config.attention, config.num_heads
         self.config = config
         for name in ("x", "w", "k", "v", "r", "g"):
-            setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(1, 1, C)))
-        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * config.mix_rank))
-        self.time_maa_w2 = nn.Parameter(torch.zeros(5, config.mix_rank, C))
-        self.time_decay = nn.Parameter(torch.zeros(1, 1, A))
-        self.time_decay_w1 = nn.Parameter(torch.zeros(C, config.decay_rank))
-        self.time_decay_w2 = nn.Parameter(torch.zeros(config.decay_rank, A))
-        self.time_faaaa = nn.Parameter(torch.zeros(H, config.head_size))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps)
+            setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(1, 1, C, device=device)))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * config.mix_rank, device=device))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, config.mix_rank, C, device=device))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, A, device=device))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, config.decay_rank, device=device))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(config.decay_rank, A, device=device))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, config.head_size, device=device))
+        self.receptance = nn.Linear(C, A, bias=False, device=device)
+        self.key = nn.Linear(C, A, bias=False, device=device)
+        self.value = nn.Linear(C, A, bias=False, device=device)
+        self.gate = nn.Linear(C, A, bias=False, device=device)
+        self.output = nn.Linear(A, C, bias=False, device=device)
+        self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps, device=device)
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
         """``x + att(ln(x))``: the residual add is fused into the output projection's epilogue."""
@@ -124,14 +124,14 @@ class TimeMix(nn.Module):
 
 
 class ChannelMix(nn.Module):
-    def __init__(self, config: RWKV6Config):
+    def __init__(self, config: RWKV6Config, device=None):
         super().__init__()
         C, F_ = config.hidden_size, config.ffn_size
-        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, F_, bias=False)
-        self.value = nn.Linear(F_, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C, device=device))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C, device=device))
+        self.key = nn.Linear(C, F_, bias=False, device=device)
+        self.value = nn.Linear(F_, C, bias=False, device=device)
+        self.receptance = nn.Linear(C, C, bias=False, device=device)
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
         """``x + ffn(ln(x))``: ReLU² key, sigmoid receptance."""
@@ -140,14 +140,14 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: RWKV6Config, index: int):
+    def __init__(self, config: RWKV6Config, index: int, device=None):
         super().__init__()
         if index == 0:
-            self.ln0 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.att = TimeMix(config)
-        self.ffn = ChannelMix(config)
+            self.ln0 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.ln1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.ln2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.att = TimeMix(config, device)
+        self.ffn = ChannelMix(config, device)
 
     def forward(self, x: torch.Tensor, packed: Packed) -> torch.Tensor:
         return self.ffn(self.att(x, self.ln1, packed), self.ln2, packed)
@@ -158,14 +158,16 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 
 
 class RWKV6(nn.Module):
-    def __init__(self, config: RWKV6Config):
+    def __init__(self, config: RWKV6Config, device: str | torch.device | None = None):
+        """``device="meta"`` builds the structure without memory, for loading weights into."""
         super().__init__()
         self.config = config
         self.fused = False  # CUDA: the Triton kernels of plugins.rwkv.fused between matmuls
-        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.emb = nn.Embedding(config.vocab_size, config.hidden_size,  # _weight: no random init (on meta it imports torch._dynamo)
+                                _weight=torch.empty(config.vocab_size, config.hidden_size, device=device))
+        self.blocks = nn.ModuleList(Block(config, i, device) for i in range(config.num_layers))
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
 
     @property
     def num_hidden_states(self) -> int:
