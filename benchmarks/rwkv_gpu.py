@@ -148,12 +148,19 @@ def step_first_result(args) -> None:
     loaded = time.perf_counter()
     ids = sentences(WORKLOADS["A"])
     layer = encoder.resolve_layer(-1)
+    from plugins.rwkv import fused
+
+    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._wkv_blocks, fused._relu_square, fused._residual_out]
+    cached = lambda: sum(len(k.device_caches[0][0]) for k in kernels) if not args.eager else 0  # noqa: E731
+    precompiled = cached()
     pooled(encoder, ids, layer)
     first = time.perf_counter()
+    compiled_at_first_encode = cached() - precompiled
     pooled(encoder, ids, layer)
     second = time.perf_counter()
     print("FIRST_RESULT " + json.dumps(dict(imports=imported - STARTED, cuda_init=started - imported, load=loaded - started,
                                             first_encode=first - loaded, second_encode=second - first,
+                                            precompiled=precompiled, compiled_at_first_encode=compiled_at_first_encode,
                                             to_first_result=first - imported)), flush=True)
 
 
@@ -356,19 +363,16 @@ def step_tune(args) -> None:
              BT=lerp_rows, BC=lerp_cols, DOT_BF16=False, num_warps=lerp_warps), keep=False)
     scratch = torch.empty(T, C, device="cuda")
 
-    def wkv(wkv_kernel, wkv_block, wkv_warps, wkv_precision, wkv_value_major=False):
+    def wkv(wkv_kernel, wkv_block, wkv_warps, wkv_precision):
         common = (r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
         if wkv_kernel == "steps":
-            fused._wkv_steps[(len(ids), H)](*common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block,
-                                            VALUE_MAJOR=wkv_value_major, num_warps=wkv_warps)
+            fused._wkv_steps[(len(ids), H)](*common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, num_warps=wkv_warps)
         else:
             fused._wkv_blocks[(len(ids), H)](*common, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, PRECISION=wkv_precision,
                                              num_warps=wkv_warps)
 
-    pick("wkv", [{"wkv_kernel": "steps", "wkv_block": 16, "wkv_warps": w, "wkv_precision": "ieee", "wkv_value_major": major}
-                 for w in (1, 2) for major in (False, True)]
-         + [{"wkv_kernel": "blocks", "wkv_block": 16, "wkv_warps": 4, "wkv_precision": p, "wkv_value_major": False}
-            for p in ("ieee", "tf32x3")], wkv)
+    pick("wkv", [{"wkv_kernel": "steps", "wkv_block": 16, "wkv_warps": w, "wkv_precision": "ieee"} for w in (1, 2)]
+         + [{"wkv_kernel": "blocks", "wkv_block": 16, "wkv_warps": 4, "wkv_precision": p} for p in ("ieee", "tf32x3")], wkv)
     big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
@@ -405,9 +409,12 @@ def step_all(args) -> None:
     """One run: every figure of the report on this machine, then the report of this run."""
     if not args.path.exists():
         step_weights(args)
-    for step in ("matmul", "cold", "ours", "fla", "parity"):
-        command = [sys.executable, __file__, step, str(args.path), "--results", str(args.results), "--run", args.run]
-        subprocess.run(command + (["--skip-padded"] if args.skip_padded else []), check=True)
+    steps = [["matmul"], ["cold"], ["ours"], ["ours", "--batch-tokens", "8192"], ["fla"], ["parity"]]
+    for step in steps:
+        command = [sys.executable, __file__, step[0], str(args.path), "--results", str(args.results), "--run", args.run, *step[1:]]
+        done = subprocess.run(command + (["--skip-padded"] if args.skip_padded else []))
+        if done.returncode:
+            print(f"step {' '.join(step)} failed (exit {done.returncode}); the report shows the others", flush=True)
     step_report(args)
 
 
@@ -417,7 +424,8 @@ def step_report(args) -> None:
     latest = {}
     for f in figures:  # the latest figure of each kind in this run
         if f.get("run") == run:
-            key = json.dumps([f.get(k) for k in ("step", "mode", "workload", "blocks", "caches", "file", "layer", "fused", "kernel", "choice")])
+            key = json.dumps([f.get(k) for k in ("step", "mode", "workload", "blocks", "caches", "file", "layer", "fused", "batch_tokens",
+                                                 "kernel", "choice")])
             latest[key] = f
     figures = list(latest.values())
     by = lambda **kw: [f for f in figures if all(f.get(k) == v for k, v in kw.items())]  # noqa: E731
@@ -430,8 +438,8 @@ def step_report(args) -> None:
         flops = next((o["flops_per_token"] for o in by(step="ours") if o["blocks"] == f["blocks"]), None)
         roof = f"{100 * f['tokens_per_second'] * flops / (matmul * 1e12):.0f}%" if matmul and flops else ""
         memory = f"{f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})" if "peak_gpu_gib" in f else ""
-        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'})" if f["step"] == "ours"
-                else f"fla RWKV6Model ({f['mode']})")
+        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'}, packs of {f.get('batch_tokens') or 16384} tokens)"
+                if f["step"] == "ours" else f"fla RWKV6Model ({f['mode']})")
         ratio = f"{f['tokens_per_second'] / peer['tokens_per_second']:.2f}×" if peer else ""
         print(f"| {name}, workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {f['seconds']:.3f} | "
               f"{ratio} | {roof} | {memory} |")
@@ -443,7 +451,7 @@ def step_report(args) -> None:
         print("\n| fresh process, workload A | imports | CUDA init | load | first encode | second encode | to first result (excl. imports) |\n"
               "| --- | --- | --- | --- | --- | --- | --- |")
         for f in cold:
-            print(f"| {f.get('file', '')} weights, compile caches {f['caches']} | {f['imports']:.2f} s | {f['cuda_init']:.2f} s | {f['load']:.2f} s | "
+            print(f"| {f.get('file', '')} weights, compile caches {f['caches']} ({f.get('compiled_at_first_encode', '?')} kernels compiled at the first encode) | {f['imports']:.2f} s | {f['cuda_init']:.2f} s | {f['load']:.2f} s | "
                   f"{f['first_encode']:.2f} s | {f['second_encode']:.3f} s | {f['to_first_result']:.2f} s |")
     for f in by(step="parity"):
         print(f"parity, bf16 CUDA ({'fused' if f.get('fused', True) else 'eager'}) vs fp32 CPU, layer {f['layer']}: "

@@ -110,7 +110,7 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     assert relative(mixes, (xx + sx * (maa[:, None, :] + m)).bfloat16()) < 1e-3
 
 
-@pytest.mark.parametrize("kernel,block", [("steps", 16), ("steps value-major", 16), ("blocks", 16), ("blocks", 32)])
+@pytest.mark.parametrize("kernel,block", [("steps", 16), ("blocks", 16), ("blocks", 32)])
 @pytest.mark.parametrize("decays", ["slow", "fast"])
 def test_wkv_kernels_equal_recurrence_group_norm_and_gate(models, batch, kernel, block, decays):
     """Both WKV kernels; for the block kernel, blocks that factorise into matmuls ("slow" decays)
@@ -126,10 +126,9 @@ def test_wkv_kernels_equal_recurrence_group_norm_and_gate(models, batch, kernel,
     wd = (0.5 * torch.randn(T, H * N, generator=generator) + (4.0 if decays == "fast" else 0.0)).bfloat16().to(DEVICE)
     y = torch.full((T, H * N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     common = (att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
-    if kernel.startswith("steps"):
+    if kernel == "steps":
         scratch = torch.full((T, H * N), float("nan"), device=DEVICE)
-        fused._wkv_steps[(len(LENGTHS), H)](r, k, v, wd, *common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=block,
-                                            VALUE_MAJOR=kernel.endswith("value-major"))
+        fused._wkv_steps[(len(LENGTHS), H)](r, k, v, wd, *common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=block)
     else:
         fused._wkv_blocks[(len(LENGTHS), H)](r, k, v, wd, *common, cu, att.ln_x.eps, H=H, N=N, BT=block, PRECISION="ieee")
     decay = torch.exp(-torch.exp(att.time_decay[0, 0] + wd.float()))

@@ -215,7 +215,7 @@ def _wkv_blocks(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps,
 
 @triton.jit
 def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, eps, H: tl.constexpr,
-               N: tl.constexpr, BT: tl.constexpr, VALUE_MAJOR: tl.constexpr):
+               N: tl.constexpr, BT: tl.constexpr):
     """One (sentence, head), token by token: the state in float32 registers, each token's output to
     ``SCRATCH`` (float32); then group norm and gate over the sentence, ``BT`` tokens at a time.
 
@@ -229,7 +229,7 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
     channel = head * N + n
     bonus = tl.load(U + channel)
     time_decay = tl.load(TIME_DECAY + channel)
-    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value], or [value, key] when VALUE_MAJOR
+    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
     offset = start * H * N + channel
     r = tl.load(R + offset).to(tl.float32)
     k = tl.load(K + offset).to(tl.float32)
@@ -242,15 +242,9 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
         k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
         v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
         wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
-        decay = tl.exp(-tl.exp(time_decay + wd))
-        if VALUE_MAJOR:  # state[value, key]: the same numbers in the other layout (which one is faster is GPU-specific)
-            kv = v[:, None] * k[None, :]
-            tl.store(SCRATCH + offset, tl.sum(r[None, :] * (bonus[None, :] * kv + state), axis=1))
-            state = kv + decay[None, :] * state
-        else:
-            kv = k[:, None] * v[None, :]
-            tl.store(SCRATCH + offset, tl.sum(r[:, None] * (bonus[:, None] * kv + state), axis=0))
-            state = kv + decay[:, None] * state
+        kv = k[:, None] * v[None, :]
+        tl.store(SCRATCH + offset, tl.sum(r[:, None] * (bonus[:, None] * kv + state), axis=0))
+        state = kv + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
         offset = next_offset
         r, k, v, wd = r_next, k_next, v_next, wd_next
     tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
@@ -337,7 +331,7 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
     if launch["wkv_kernel"] == "steps":
         _wkv_steps[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
                          torch.empty(r.shape, dtype=torch.float32, device=r.device), cu_seqlens, att.ln_x.eps, H=H, N=N,
-                         BT=launch["wkv_block"], VALUE_MAJOR=launch["wkv_value_major"], num_warps=launch["wkv_warps"])
+                         BT=launch["wkv_block"], num_warps=launch["wkv_warps"])
     else:
         _wkv_blocks[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
                           cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"],
@@ -394,7 +388,7 @@ def _specializations(config, launch: dict) -> list[tuple]:
                        num_warps=launch["lerp_warps"])))
     if launch["wkv_kernel"] == "steps":
         specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, eps),
-                      dict(H=H, N=N, BT=launch["wkv_block"], VALUE_MAJOR=launch["wkv_value_major"], num_warps=launch["wkv_warps"])))
+                      dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
     else:
         specs.append((_wkv_blocks, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, i64, eps),
                       dict(H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"], num_warps=launch["wkv_warps"])))
