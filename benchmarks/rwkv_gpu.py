@@ -74,7 +74,7 @@ def step_weights(args) -> None:
 
     from safetensors.torch import save_file
 
-    state = random_state(**SHAPE, device="cuda" if torch.cuda.is_available() else "cpu")
+    state = random_state(**SHAPE)  # on the CPU: the same numbers as earlier sessions' (and the issue's) weights
     state = {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in state.items()}
     torch.save(state, args.path.with_suffix(".pth"))
     save_file(state, str(args.path.with_suffix(".safetensors")))  # what `python -m plugins.rwkv.convert` writes
