@@ -409,7 +409,7 @@ def step_all(args) -> None:
     """One run: every figure of the report on this machine, then the report of this run."""
     if not args.path.exists():
         step_weights(args)
-    steps = [["matmul"], ["cold"], ["ours"], ["ours", "--batch-tokens", "8192"], ["fla"], ["parity"]]
+    steps = [["matmul"], ["cold"], ["ours"], ["ours", "--batch-tokens", "16384"], ["parity"], ["fla"]]
     for step in steps:
         command = [sys.executable, __file__, step[0], str(args.path), "--results", str(args.results), "--run", args.run, *step[1:]]
         done = subprocess.run(command + (["--skip-padded"] if args.skip_padded else []))
@@ -438,7 +438,7 @@ def step_report(args) -> None:
         flops = next((o["flops_per_token"] for o in by(step="ours") if o["blocks"] == f["blocks"]), None)
         roof = f"{100 * f['tokens_per_second'] * flops / (matmul * 1e12):.0f}%" if matmul and flops else ""
         memory = f"{f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})" if "peak_gpu_gib" in f else ""
-        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'}, packs of {f.get('batch_tokens') or 16384} tokens)"
+        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'}, packs of {f.get('batch_tokens') or 8192} tokens)"
                 if f["step"] == "ours" else f"fla RWKV6Model ({f['mode']})")
         ratio = f"{f['tokens_per_second'] / peer['tokens_per_second']:.2f}×" if peer else ""
         print(f"| {name}, workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {f['seconds']:.3f} | "
