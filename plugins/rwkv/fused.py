@@ -149,6 +149,17 @@ def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
 
 
 @triton.jit
+def _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N: tl.constexpr):
+    """Rows of WKV output [rows, N] (one head): group norm, times silu(g) rounded as eager does, → Y (bf16)."""
+    mean = tl.sum(out, axis=1) / N
+    centred = out - mean[:, None]
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
+    gate = tl.load(G + offsets, mask=valid, other=0.0).to(tl.float32)
+    gate = _bf16(gate * tl.sigmoid(gate)).to(tl.float32)
+    tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
+
+
+@triton.jit
 def _wkv_blocks(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.constexpr, N: tl.constexpr,
                 BT: tl.constexpr, PRECISION: tl.constexpr):
     """One (sentence, head), ``BT`` tokens at a time: WKV, then group norm and gate, per block.
@@ -205,12 +216,7 @@ def _wkv_blocks(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps,
         out += tl.sum(r * bonus * k, axis=1)[:, None] * v  # the token's own k v, weighted by u
         state = tl.exp(last)[:, None] * state + tl.dot(tl.trans(k * tl.exp(last[None, :] - cumulative)), v,
                                                         input_precision=PRECISION)
-        mean = tl.sum(out, axis=1) / N
-        centred = out - mean[:, None]
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
-        gate = tl.load(G + offsets, mask=valid, other=0.0).to(tl.float32)
-        gate = _bf16(gate * tl.sigmoid(gate)).to(tl.float32)
-        tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
+        _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N)
 
 
 @triton.jit
@@ -256,12 +262,7 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
         valid = (tokens < end)[:, None] & (n >= 0)[None, :]
         offsets = tokens[:, None] * (H * N) + channel[None, :]
         out = tl.load(SCRATCH + offsets, mask=valid, other=0.0)
-        mean = tl.sum(out, axis=1) / N
-        centred = out - mean[:, None]
-        rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
-        gate = tl.load(G + offsets, mask=valid, other=0.0).to(tl.float32)
-        gate = _bf16(gate * tl.sigmoid(gate)).to(tl.float32)
-        tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
+        _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N)
 
 
 @triton.jit(do_not_specialize=["count"])
