@@ -4,7 +4,8 @@ Per block the matmuls stay in cuBLAS (bf16); everything between them runs in fiv
 
     ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16
     lerp5          the five data-dependent mixes (rank-32 LoRA with tanh, as a small tl.dot)
-    wkv            WKV recurrence + decay exp(-exp(w)) + group norm + silu gate → bf16
+    wkv_steps      WKV recurrence + decay exp(-exp(w)), then group norm + silu gate → bf16
+                   (or wkv_blocks: the same in blocks of tokens with matmuls; launch.json picks)
     ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
     relu_square    ReLU² of the ffn key, in place
 
@@ -12,9 +13,9 @@ The ffn's residual add (sigmoid(r) ⊙ kv) is folded into the next block's first
 float32 residual stream is read and written twice per block and no float32 copy of any other
 activation exists. Rounding to bfloat16 happens exactly where the eager model in
 ``plugins.rwkv.model`` rounds (that model is the reference: same weights, same casts), so the two
-agree to float32 reduction order. Kernels compile on first use in about a second each (Triton's
-disk cache keeps them); launch choices per GPU family are data in ``launch.json``, never tuned
-on a user's first call.
+agree to float32 reduction order. ``precompile`` compiles every kernel while the weights load
+(Triton's disk cache keeps them); launch choices per GPU family are data in ``launch.json``,
+never tuned on a user's call.
 """
 
 from __future__ import annotations

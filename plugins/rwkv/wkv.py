@@ -40,7 +40,7 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
     T, H, N = r.shape
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     B = len(lengths)
-    width = -(-int(lengths.max()) // chunk) * chunk
+    width = int(lengths.max())  # the last chunk may be shorter: no padding beyond the longest sentence
     sentence = torch.repeat_interleave(torch.arange(B, device=r.device), lengths)
     position = torch.arange(T, device=r.device) - cu_seqlens[:-1][sentence]
 
@@ -57,22 +57,24 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
     group = max(1, GROUP_ELEMENTS // (H * chunk * chunk * N))
     for first in range(0, B, group):
         rows = slice(first, first + group)
+        longest = int(lengths[rows].max())  # packs come sorted by length: a group needs little padding
         state = None  # zero until the first chunk has been seen
-        for start in range(0, width, chunk):
-            cols = slice(start, start + chunk)
+        for start in range(0, longest, chunk):
+            cols = slice(start, min(start + chunk, longest))
+            earlier = strict[: cols.stop - start, : cols.stop - start]
             rc, kc, vc, lc = R[rows, :, cols], K[rows, :, cols], V[rows, :, cols], log_decay[rows, :, cols]
             total = lc.cumsum(dim=2)  # Σ log d up to and including each token
             # weight of token s's k v in token t's output (s < t): r_t · (k_s ⊙ exp(before_t − total_s))
             if float(total[:, :, -1].min()) > SAFE_LOG_DECAY:
                 # exp(before_t) · exp(−total_s) cannot overflow here: one matmul per chunk
                 r_decayed = rc * (total - lc).exp()  # r_t ⊙ exp(Σ log d up to the token before)
-                attention = (r_decayed @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~strict, 0.0)
+                attention = (r_decayed @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~earlier, 0.0)
             else:
                 # a chunk that decays below e^SAFE_LOG_DECAY: each pair's exponent, per channel, from sums
                 # in float64 (differences of sums in the hundreds would lose float32's digits)
                 total = lc.double().cumsum(dim=2)
                 before = total - lc
-                exponent = (before[:, :, :, None, :] - total[:, :, None, :, :]).masked_fill(~strict[:, :, None], float("-inf"))
+                exponent = (before[:, :, :, None, :] - total[:, :, None, :, :]).masked_fill(~earlier[:, :, None], float("-inf"))
                 attention = (rc[:, :, :, None, :] * kc[:, :, None, :, :] * exponent.exp().float()).sum(-1)
                 r_decayed = rc * before.exp().float()
             result = attention @ vc
@@ -80,7 +82,7 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
             if state is not None:
                 result.add_(r_decayed @ state)
             out[rows, :, cols] = result
-            if start + chunk < width:  # carry the state to the next chunk
+            if cols.stop < longest:  # carry the state to the next chunk
                 carried = (kc * (total[:, :, -1:, :] - total).exp().to(kc.dtype)).transpose(2, 3) @ vc
                 state = carried if state is None else carried.add_(total[:, :, -1, :, None].exp().to(kc.dtype) * state)
     return out[sentence, :, position]
