@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class RWKVEncoder:
 
             device, compiling = self.device, []
             fused = self.options.fused and device.type == "cuda"
+            if fused and importlib.util.find_spec("triton") is None:
+                warnings.warn("Triton is not installed, so RWKV-6 runs its plain PyTorch path on CUDA (slower); "
+                              "PyTorch's CUDA builds include Triton")
+                fused = False
 
             def precompile(config):  # the kernels compile while the weights stream in
                 from plugins.rwkv.fused import precompile_in_background
