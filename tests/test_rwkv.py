@@ -178,6 +178,24 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path, tiny_pth):
     with pytest.raises(LayerprobeError, match="cannot read it as a checkpoint") as e:
         load_checkpoint(str(tmp_path / "junk.pth"))
     cases.append(e)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(LayerprobeError, match="not a readable safetensors file") as e:
+        load_checkpoint(str(tmp_path / "junk.safetensors"))
+    cases.append(e)
+    from safetensors.torch import save_file
+
+    save_file({"emb.weight": torch.zeros(4, 4)}, str(tmp_path / "cut.safetensors"))
+    whole = (tmp_path / "cut.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-8])  # truncated: the last tensor ends past the file
+    with pytest.raises(LayerprobeError, match="does not fit its shape or the file") as e:
+        load_checkpoint(str(tmp_path / "cut.safetensors"))
+    cases.append(e)
+    state = torch.load(tiny_pth)
+    state["blocks.1.ffn.key.weight"] = state["blocks.1.ffn.key.weight"][:, :64]
+    torch.save(state, tmp_path / "wrong_shape.pth")
+    with pytest.raises(LayerprobeError, match="size mismatch for blocks.1.ffn.key.weight") as e:
+        build_model(load_checkpoint(str(tmp_path / "wrong_shape.pth")))
+    cases.append(e)
     assert all("\n" not in str(c.value) for c in cases)
 
 
