@@ -150,7 +150,7 @@ def step_first_result(args) -> None:
     layer = encoder.resolve_layer(-1)
     from plugins.rwkv import fused
 
-    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._wkv_blocks, fused._relu_square, fused._residual_out]
+    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._relu_square, fused._residual_out]
     cached = lambda: sum(len(k.device_caches[0][0]) for k in kernels) if not args.eager else 0  # noqa: E731
     precompiled = cached()
     pooled(encoder, ids, layer)
@@ -363,16 +363,10 @@ def step_tune(args) -> None:
              BT=lerp_rows, BC=lerp_cols, DOT_BF16=False, num_warps=lerp_warps), keep=False)
     scratch = torch.empty(T, C, device="cuda")
 
-    def wkv(wkv_kernel, wkv_block, wkv_warps, wkv_precision):
-        common = (r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
-        if wkv_kernel == "steps":
-            fused._wkv_steps[(len(ids), H)](*common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, num_warps=wkv_warps)
-        else:
-            fused._wkv_blocks[(len(ids), H)](*common, cu, att.ln_x.eps, H=H, N=N, BT=wkv_block, PRECISION=wkv_precision,
-                                             num_warps=wkv_warps)
-
-    pick("wkv", [{"wkv_kernel": "steps", "wkv_block": 16, "wkv_warps": w, "wkv_precision": "ieee"} for w in (1, 2)]
-         + [{"wkv_kernel": "blocks", "wkv_block": 16, "wkv_warps": 4, "wkv_precision": p} for p in ("ieee", "tf32x3")], wkv)
+    pick("wkv", [{"wkv_block": b, "wkv_warps": w} for b in (16, 32) for w in (1, 2)],
+         lambda wkv_block, wkv_warps: fused._wkv_steps[(len(ids), H)](
+             r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y, scratch, cu,
+             att.ln_x.eps, H=H, N=N, BT=wkv_block, num_warps=wkv_warps))
     big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](

@@ -5,7 +5,6 @@ Per block the matmuls stay in cuBLAS (bf16); everything between them runs in fiv
     ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16
     lerp5          the five data-dependent mixes (rank-32 LoRA with tanh, as a small tl.dot)
     wkv_steps      WKV recurrence + decay exp(-exp(w)), then group norm + silu gate → bf16
-                   (or wkv_blocks: the same in blocks of tokens with matmuls; launch.json picks)
     ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
     relu_square    ReLU² of the ffn key, in place
 
@@ -33,9 +32,6 @@ import triton.language as tl
 
 LAUNCH_FILE = Path(__file__).with_name("launch.json")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the CPU tests)
-# A block whose decays multiply to more than e^SAFE_LOG_DECAY in every channel factorises into
-# matmuls: exp(-G) then stays below e^60, far from float32's overflow at e^88.
-SAFE_LOG_DECAY = tl.constexpr(-60.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,66 +157,6 @@ def _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N: tl.constexpr
 
 
 @triton.jit
-def _wkv_blocks(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, CU_SEQLENS, eps, H: tl.constexpr, N: tl.constexpr,
-                BT: tl.constexpr, PRECISION: tl.constexpr):
-    """One (sentence, head), ``BT`` tokens at a time: WKV, then group norm and gate, per block.
-
-    Within a block the recurrence is a masked [BT, BT] attention whose weights carry the decays
-    between the two tokens, exp(G_{t-1} - G_s) per key channel (G: cumulative log decay); the state
-    carried between blocks enters once per block. While the block's decays multiply to more than
-    e^SAFE (every channel), the attention factorises into matmuls of r ⊙ exp(G_{t-1}) and
-    k ⊙ exp(-G) without overflow; else each earlier token's weights are formed in log space (exact
-    for any decay). Every factor that meets the carried state is ≤ 1. Float32 throughout.
-    """
-    sentence, head = tl.program_id(0), tl.program_id(1)
-    start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
-    end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
-    n = tl.arange(0, N)
-    rows = tl.arange(0, BT)
-    channel = head * N + n
-    bonus = tl.load(U + channel)[None, :]
-    time_decay = tl.load(TIME_DECAY + channel)[None, :]
-    ln_w = tl.load(LNX_W + channel)[None, :]
-    ln_b = tl.load(LNX_B + channel)[None, :]
-    earlier = rows[:, None] > rows[None, :]  # s < t
-    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
-    for first in range(start, end, BT):
-        tokens = first + rows
-        valid = (tokens < end)[:, None] & (n >= 0)[None, :]
-        offsets = tokens[:, None] * (H * N) + channel[None, :]
-        r = tl.load(R + offsets, mask=valid, other=0.0).to(tl.float32)
-        k = tl.load(K + offsets, mask=valid, other=0.0).to(tl.float32)
-        v = tl.load(V + offsets, mask=valid, other=0.0).to(tl.float32)
-        wd = tl.load(WD + offsets, mask=valid, other=0.0).to(tl.float32)
-        log_decay = tl.where(valid, -tl.exp(time_decay + wd), 0.0)  # padding rows: decay 1, k = v = 0
-        cumulative = tl.cumsum(log_decay, axis=0)  # G_t, from the block's start
-        before = cumulative - log_decay  # G_{t-1}
-        last = tl.sum(log_decay, axis=0)  # G at the block's end
-        r_decayed = r * tl.exp(before)
-        if tl.min(last, axis=0) > SAFE_LOG_DECAY:
-            attention = tl.dot(r_decayed, tl.trans(k * tl.exp(-cumulative)), input_precision=PRECISION)
-            out = tl.dot(tl.where(earlier, attention, 0.0), v, input_precision=PRECISION)
-        else:
-            out = tl.zeros([BT, N], dtype=tl.float32)
-            g = tl.zeros([N], dtype=tl.float32)
-            for s in range(0, BT):
-                row_valid = (first + s + tl.zeros_like(n)) < end
-                row = (first + s) * (H * N) + channel
-                k_s = tl.load(K + row, mask=row_valid, other=0.0).to(tl.float32)
-                v_s = tl.load(V + row, mask=row_valid, other=0.0).to(tl.float32)
-                wd_s = tl.load(WD + row, mask=row_valid, other=0.0).to(tl.float32)
-                g += tl.where(row_valid, -tl.exp(time_decay.reshape([N]) + wd_s), 0.0)  # G_s
-                weight = tl.exp(tl.minimum(before - g[None, :], 0.0))  # exact for t > s, masked below
-                column = tl.sum(r * k_s[None, :] * weight, axis=1)
-                out += tl.where(rows > s, column, 0.0)[:, None] * v_s[None, :]
-        out += tl.dot(r_decayed, state, input_precision=PRECISION)
-        out += tl.sum(r * bonus * k, axis=1)[:, None] * v  # the token's own k v, weighted by u
-        state = tl.exp(last)[:, None] * state + tl.dot(tl.trans(k * tl.exp(last[None, :] - cumulative)), v,
-                                                        input_precision=PRECISION)
-        _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N)
-
-
-@triton.jit
 def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, eps, H: tl.constexpr,
                N: tl.constexpr, BT: tl.constexpr):
     """One (sentence, head), token by token: the state in float32 registers, each token's output to
@@ -329,15 +265,10 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
     wd = torch.tanh(wx @ att.time_decay_w1) @ att.time_decay_w2
     del mixes, wx, kx, vx, rx, gx, mix_x, lora  # their memory serves the WKV's scratch
     y = torch.empty_like(r)
-    grid = (cu_seqlens.numel() - 1, H)
-    if launch["wkv_kernel"] == "steps":
-        _wkv_steps[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
-                         torch.empty(r.shape, dtype=torch.float32, device=r.device), cu_seqlens, att.ln_x.eps, H=H, N=N,
-                         BT=launch["wkv_block"], num_warps=launch["wkv_warps"])
-    else:
-        _wkv_blocks[grid](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y,
-                          cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"],
-                          num_warps=launch["wkv_warps"])
+    _wkv_steps[(cu_seqlens.numel() - 1, H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
+                                            att.ln_x.bias, y, torch.empty(r.shape, dtype=torch.float32, device=r.device),
+                                            cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"],
+                                            num_warps=launch["wkv_warps"])
     return x, _Pending(1, y @ att.output.weight.t())
 
 
@@ -388,12 +319,8 @@ def _specializations(config, launch: dict) -> list[tuple]:
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
-    if launch["wkv_kernel"] == "steps":
-        specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, eps),
-                      dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
-    else:
-        specs.append((_wkv_blocks, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, i64, eps),
-                      dict(H=H, N=N, BT=launch["wkv_block"], PRECISION=launch["wkv_precision"], num_warps=launch["wkv_warps"])))
+    specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, eps),
+                  dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
     specs.append((_relu_square, (bf16, T * config.ffn_size), dict(BLOCK=launch["elementwise_block"], num_warps=launch["elementwise_warps"])))
     for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):
         for norm in (False, True):
