@@ -60,3 +60,26 @@ def test_precompile_covers_every_kernel_the_blocks_launch(tmp_path):
     for layer in (0, 1, 3):
         list(encoder.encode(["one sentence", "and another, longer, sentence"], encoder.resolve_layer(layer)))
     assert [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels] == compiled
+
+
+def test_packs_run_one_ahead_on_their_own_stream_and_equal_one_big_pack(tmp_path):
+    """Many packs, each computed while the caller's stream is still busy with the previous one, give
+    the states one pack gives."""
+    from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
+    from plugins.rwkv.random_checkpoint import random_state
+
+    torch.save(random_state(3, 256, 896, 65536, seed=4), tmp_path / "small.pth")
+    sentences = [f"sentence number {i} is here " * (1 + i % 7) for i in range(60)]
+    pooled, batches = {}, {}
+    for budget in (96, 1 << 20):
+        encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device="cuda", batch_tokens=budget, progress=False))
+        vectors, batches[budget] = torch.zeros(len(sentences), 256), 0
+        for batch in encoder.encode(sentences, encoder.resolve_layer(2)):
+            torch.cuda._sleep(20_000_000)  # the caller's stream stays busy (~10 ms) while the next pack runs
+            mask = batch.mask.unsqueeze(-1).float()
+            vectors[batch.sentence_index.cpu()] = ((batch.states * mask).sum(1) / mask.sum(1)).float().cpu()
+            batches[budget] += 1
+        pooled[budget] = vectors
+    assert batches[96] >= 10 and batches[1 << 20] == 1
+    cosine = torch.nn.functional.cosine_similarity(pooled[96], pooled[1 << 20], dim=1)
+    assert float(cosine.min()) >= 0.9999

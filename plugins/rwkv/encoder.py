@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -14,6 +14,9 @@ import torch
 
 from framework.data import Layer, TokenStates, hidden_state_index
 from framework.errors import LayerprobeError
+
+
+PACKS_AHEAD = 1  # CUDA: packs queued on the GPU beyond the one the caller is handed (each holds its states)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class RWKVEncoder:
         self._model = None
         self._tokenizer = None
         self._checkpoint_source = ""
+        self._stream = None  # CUDA: the stream the forwards run on (see _forwards)
 
     @property
     def device(self) -> torch.device:
@@ -116,8 +120,7 @@ class RWKVEncoder:
 
         progress = progress_of(int(lengths.sum()), "rwkv encode", "token", self.options.progress)
         with torch.no_grad():
-            for pack in _packs(order, lengths, budget):
-                states, mask = self._forward(pack, ids, lengths, layer.index, device)
+            for pack, states, mask in self._forwards(_packs(order, lengths, budget), ids, lengths, layer.index, device):
                 yield TokenStates(states, mask, torch.from_numpy(pack), counts)
                 counts = Counter()
                 progress.update(int(lengths[pack].sum()))
@@ -141,17 +144,56 @@ class RWKVEncoder:
         states[mask] = hidden
         return TokenStates(states, mask, batch.sentence_index, batch.counts)
 
+    def _forwards(self, packs, ids, lengths, index, device) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+        """(pack, states, mask) for each pack. On CUDA the forwards run on a stream of their own,
+        ``PACKS_AHEAD`` packs ahead: while the caller pools and copies pack k on its stream, the GPU
+        already computes the next, so the host's work between packs never leaves the GPU idle."""
+        if device.type != "cuda":
+            for pack in packs:
+                yield pack, *self._forward(pack, ids, lengths, index, device)
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        caller = torch.cuda.current_stream(device)
+        queued = deque()
+        for pack in packs:
+            with torch.cuda.stream(self._stream):
+                states, mask = self._forward(pack, ids, lengths, index, device)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            queued.append((pack, states, mask, done))
+            if len(queued) > PACKS_AHEAD:
+                yield _hand_over(*queued.popleft(), caller)
+        while queued:
+            yield _hand_over(*queued.popleft(), caller)
+
     def _forward(self, pack, ids, lengths, index, device):
+        """Queue one pack's forward; nothing here waits for the GPU (inputs go through pinned memory,
+        and the scatter into padded rows uses positions computed on the host)."""
         pack_lengths = torch.from_numpy(lengths[pack])
-        tokens = torch.from_numpy(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack])).to(device, non_blocking=True)
+        tokens = torch.from_numpy(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack]))
         cu_seqlens = torch.zeros(len(pack) + 1, dtype=torch.int64)
         cu_seqlens[1:] = torch.cumsum(pack_lengths, 0)
-        hidden = self.model.hidden_state(tokens, cu_seqlens.to(device), index)
+        hidden = self.model.hidden_state(_to(tokens, device), _to(cu_seqlens, device), index)
         width = int(pack_lengths.max())
-        mask = (torch.arange(width)[None, :] < pack_lengths[:, None]).to(device)
+        mask = torch.arange(width)[None, :] < pack_lengths[:, None]
+        positions = mask.view(-1).nonzero().squeeze(1)  # row-major: the packed token order
         states = hidden.new_zeros(len(pack), width, hidden.shape[1])
-        states[mask] = hidden
-        return states, mask
+        states.view(-1, hidden.shape[1]).index_copy_(0, _to(positions, device), hidden)
+        return states, _to(mask, device)
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait (pinned, asynchronous copy)."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def _hand_over(pack, states, mask, done, caller):
+    """A pack's results for use on the caller's stream, once the encoder's stream has made them."""
+    caller.wait_event(done)
+    states.record_stream(caller)  # the allocator keeps their memory until the caller's uses are done
+    mask.record_stream(caller)
+    return pack, states, mask
 
 
 def _packs(order: np.ndarray, lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
