@@ -90,7 +90,7 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     x = embedded(fast, tokens)
     T, C = x.shape
     packed = Packed(cu, T)
-    launch = fused.launch_choices((0, 0))
+    launch = {**fused.launch_choices((0, 0)), "row_block": 5}  # T is not a multiple of 5: a short last program
     stats = torch.empty(T, 2, device=DEVICE)
     _, mix_x = fused._ln_shift_lerp(x, fused._Pending(), packed.is_start.view(torch.uint8), norm,
                                     att.time_maa_x.view(1, C), launch, stats)
@@ -99,13 +99,13 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     assert relative(mix_x[0], (xx + sx * att.time_maa_x[0, 0]).bfloat16()) < 1e-3
     assert torch.allclose(stats[:, 0], x.mean(1), atol=1e-5)
 
-    lora = mix_x[0] @ att.time_maa_w1
+    lora = torch.tanh(mix_x[0] @ att.time_maa_w1)
     maa = torch.cat([att.time_maa_w, att.time_maa_k, att.time_maa_v, att.time_maa_r, att.time_maa_g]).view(5, C)
     mixes = torch.full((5, T, C), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     fused._lerp5[(-(-T // 32), -(-C // 64))](x, stats, packed.is_start.view(torch.uint8), norm.weight, norm.bias, lora,
                                              att.time_maa_w2, maa, mixes, T, C=C, RANK=32, BT=32, BC=64,
                                              DOT_BF16=not fused.INTERPRETED)
-    m = torch.bmm(torch.tanh(lora).view(T, 5, -1).transpose(0, 1), att.time_maa_w2).float()
+    m = torch.bmm(lora.view(T, 5, -1).transpose(0, 1), att.time_maa_w2).float()
     assert not mixes.isnan().any()
     assert relative(mixes, (xx + sx * (maa[:, None, :] + m)).bfloat16()) < 1e-3
 

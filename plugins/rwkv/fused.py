@@ -2,8 +2,8 @@
 
 Per block the matmuls stay in cuBLAS (bf16); everything between them runs in five kernels:
 
-    ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16
-    lerp5          the five data-dependent mixes (rank-32 LoRA with tanh, as a small tl.dot)
+    ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16 (rows in a loop)
+    lerp5          the five data-dependent mixes (the rank-32 LoRA as a small tl.dot; its tanh once per token)
     wkv_steps      WKV recurrence + decay exp(-exp(w)), then group norm + silu gate → bf16
     ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
     relu_square    ReLU² of the ffn key, in place
@@ -54,24 +54,19 @@ def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
     return x
 
 
+_EXACT_ROUNDING = tl.constexpr(INTERPRETED)  # Triton 3.6's interpreter truncates float32 → bfloat16
+
+
 @triton.jit
 def _bf16(x):
-    """float32 → bfloat16, round to nearest even, spelled out in bits: what the GPU's conversion
-    does, and what Triton 3.6's interpreter (the CPU tests) gets wrong (it truncates)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in float32 from exp (a series near 0, where (1 - e)/(1 + e) would cancel); Triton's
-    interpreter has no libdevice, and the CPU tests run these kernels there."""
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    squared = a * a
-    t = tl.where(a < 0.0625, a * (1.0 - squared / 3.0 * (1.0 - 0.4 * squared)), (1.0 - e) / (1.0 + e))
-    return tl.where(x < 0, -t, t)
+    """float32 → bfloat16, rounding to nearest even as PyTorch does: the GPU's own conversion (one
+    instruction); in the interpreter (the CPU tests), the same rounding spelled out in bits."""
+    if _EXACT_ROUNDING:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(tl.bfloat16, fp_downcast_rounding="rtne")
 
 
 @triton.jit
@@ -84,36 +79,44 @@ def _centre(x, mask, C: tl.constexpr, eps):
 
 @triton.jit(do_not_specialize=["T"])
 def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T, eps,
-                  C: tl.constexpr, BLOCK_C: tl.constexpr, ADD_MODE: tl.constexpr, NUM_MIX: tl.constexpr,
-                  WRITE_STATS: tl.constexpr):
-    """One token (row): x (+ pending add) → X_OUT; ln(x); lerp toward the previous token's ln."""
-    row = tl.program_id(0).to(tl.int64)
+                  C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, ADD_MODE: tl.constexpr,
+                  NUM_MIX: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """``ROWS`` consecutive tokens: x (+ pending add) → X_OUT; ln(x); lerp toward the previous
+    token's ln, which the loop carries (only the first row's predecessor is computed twice)."""
+    first = tl.program_id(0).to(tl.int64) * ROWS
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = _residual(X, ADD0, ADD1, row * C + cols, mask, ADD_MODE)
-    if ADD_MODE != 0:
-        tl.store(X_OUT + row * C + cols, x, mask=mask)
     w = tl.load(LN_W + cols, mask=mask, other=0.0)
     b = tl.load(LN_B + cols, mask=mask, other=0.0)
-    centred, mean, rstd = _centre(x, mask, C, eps)
-    xx = centred * rstd * w + b
-    if WRITE_STATS:
-        tl.store(STATS + row * 2, mean)
-        tl.store(STATS + row * 2 + 1, rstd)
-    has_prev = tl.load(IS_START + row + tl.zeros_like(cols)) == 0  # one flag, as a vector like the mask
-    prev = _residual(X, ADD0, ADD1, (row - 1) * C + cols, mask & has_prev, ADD_MODE)
-    prev_centred, _, prev_rstd = _centre(prev, mask, C, eps)
-    sx = tl.where(has_prev, prev_centred * prev_rstd * w + b, 0.0) - xx
+    before_ok = mask & (first + tl.zeros_like(cols) > 0)  # conditions as vectors: the interpreter needs them so
+    before = _residual(X, ADD0, ADD1, (first - 1) * C + cols, before_ok, ADD_MODE)
+    before_centred, _, before_rstd = _centre(before, mask, C, eps)
+    prev_ln = before_centred * before_rstd * w + b
     plane = T.to(tl.int64) * C
-    for i in tl.static_range(NUM_MIX):
-        maa = tl.load(MAA + i * C + cols, mask=mask, other=0.0)
-        tl.store(MIX + i * plane + row * C + cols, _bf16(xx + sx * maa), mask=mask)
+    for i in range(ROWS):
+        row = first + i
+        ok = mask & (row + tl.zeros_like(cols) < T)
+        x = _residual(X, ADD0, ADD1, row * C + cols, ok, ADD_MODE)
+        if ADD_MODE != 0:
+            tl.store(X_OUT + row * C + cols, x, mask=ok)
+        centred, mean, rstd = _centre(x, mask, C, eps)
+        xx = centred * rstd * w + b
+        if WRITE_STATS:
+            pair = tl.arange(0, 2)
+            tl.store(STATS + row * 2 + pair, tl.where(pair == 0, mean, rstd), mask=row + pair * 0 < T)
+        has_prev = tl.load(IS_START + row + tl.zeros_like(cols), mask=ok, other=1) == 0  # a flag, as a vector
+        sx = tl.where(has_prev, prev_ln, 0.0) - xx
+        for m in tl.static_range(NUM_MIX):
+            maa = tl.load(MAA + m * C + cols, mask=mask, other=0.0)
+            tl.store(MIX + m * plane + row * C + cols, _bf16(xx + sx * maa), mask=ok)
+        prev_ln = xx
 
 
 @triton.jit(do_not_specialize=["T"])
 def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
            C: tl.constexpr, RANK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DOT_BF16: tl.constexpr):
-    """Mixes w, k, v, r, g of a [BT, BC] tile: xx + sx ⊙ (maa_i + tanh(lora_i) @ w2_i)."""
+    """Mixes w, k, v, r, g of a [BT, BC] tile: xx + sx ⊙ (maa_i + lora_i @ w2_i), ``LORA`` already
+    through tanh (once per token, not once per column tile)."""
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok, col_ok = rows < T, cols < C
@@ -134,7 +137,6 @@ def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
     plane = T.to(tl.int64) * C
     for i in tl.static_range(5):
         lora = tl.load(LORA + rows[:, None] * (5 * RANK) + i * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        lora = _bf16(_tanh(lora.to(tl.float32)))
         w2 = tl.load(W2 + i * RANK * C + ranks[:, None] * C + cols[None, :], mask=col_ok[None, :], other=0.0)
         if DOT_BF16:  # the bf16 bmm's product with float32 accumulation
             m = tl.dot(lora, w2)
@@ -185,9 +187,10 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
         k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
         v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
         wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
-        kv = k[:, None] * v[None, :]
-        tl.store(SCRATCH + offset, tl.sum(r[:, None] * (bonus[:, None] * kv + state), axis=0))
-        state = kv + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
+        # out = r·(u⊙k) v + r·state: the bonus term is one dot product, not a [N, N] one
+        out = tl.sum(r * bonus * k, axis=0) * v + tl.sum(r[:, None] * state, axis=0)
+        tl.store(SCRATCH + offset, out)
+        state = k[:, None] * v[None, :] + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
         offset = next_offset
         r, k, v, wd = r_next, k_next, v_next, wd_next
     tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
@@ -240,11 +243,24 @@ def _ln_shift_lerp(x, pending, is_start, norm, maa, launch, stats=None):
     x_out = torch.empty_like(x) if pending.mode else x
     mix = torch.empty(maa.shape[0], T, C, dtype=torch.bfloat16, device=x.device)
     add0, add1 = pending.args(x)
-    _ln_shift_mix[(T,)](x, x_out, add0, add1, is_start, norm.weight, norm.bias, maa, mix,
-                        stats if stats is not None else x, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
-                        ADD_MODE=pending.mode, NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
-                        num_warps=launch["row_warps"])
+    rows = launch["row_block"]
+    _ln_shift_mix[(triton.cdiv(T, rows),)](x, x_out, add0, add1, is_start, norm.weight, norm.bias, maa, mix,
+                                           stats if stats is not None else x, T, norm.eps, C=C,
+                                           BLOCK_C=triton.next_power_of_2(C), ROWS=rows, ADD_MODE=pending.mode,
+                                           NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
+                                           num_warps=launch["row_warps"])
     return x_out, mix
+
+
+def _stacked(module, names: tuple[str, ...]) -> torch.Tensor:
+    """The mixing vectors ``names`` of ``module`` as one [len(names), C] tensor, made once per
+    weights (not a concatenation kernel per block and pack)."""
+    sources = [getattr(module, name) for name in names]
+    key = (names, tuple(source.data_ptr() for source in sources))
+    cached = getattr(module, "_fused_stacked", None)
+    if cached is None or cached[0] != key:
+        cached = module._fused_stacked = key, torch.cat(sources).view(len(names), -1)
+    return cached[1]
 
 
 def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
@@ -253,8 +269,8 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
     H, N = att.time_faaaa.shape
     stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
     x, mix_x = _ln_shift_lerp(x, pending, is_start, norm, att.time_maa_x.view(1, C), launch, stats)
-    lora = mix_x[0] @ att.time_maa_w1
-    maa = torch.cat([att.time_maa_w, att.time_maa_k, att.time_maa_v, att.time_maa_r, att.time_maa_g]).view(5, C)
+    lora = torch.tanh_(mix_x[0] @ att.time_maa_w1)  # bf16 in and out, as the eager model rounds it
+    maa = _stacked(att, ("time_maa_w", "time_maa_k", "time_maa_v", "time_maa_r", "time_maa_g"))
     mixes = torch.empty(5, T, C, dtype=torch.bfloat16, device=x.device)
     bt, bc = launch["lerp_rows"], launch["lerp_cols"]
     _lerp5[(triton.cdiv(T, bt), triton.cdiv(C, bc))](x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2,
@@ -275,7 +291,7 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
 def _channel_mix(ffn, x, pending, norm, is_start, launch):
     """x + ffn(ln(x)) as (new x, pending add of sigmoid(r) ⊙ kv)."""
     C = x.shape[1]
-    x, (xk, xr) = _ln_shift_lerp(x, pending, is_start, norm, torch.cat([ffn.time_maa_k, ffn.time_maa_r]).view(2, C), launch)
+    x, (xk, xr) = _ln_shift_lerp(x, pending, is_start, norm, _stacked(ffn, ("time_maa_k", "time_maa_r")), launch)
     key = xk @ ffn.key.weight.t()
     block = launch["elementwise_block"]
     _relu_square[(triton.cdiv(key.numel(), block),)](key, key.numel(), BLOCK=block, num_warps=launch["elementwise_warps"])
@@ -313,9 +329,9 @@ def _specializations(config, launch: dict) -> list[tuple]:
     specs = []
     for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):  # block 0, later blocks: ln1 + mix x
         specs.append((_ln_shift_mix, (f32, f32, add0, add1, u8, f32, f32, f32, bf16, f32, T, eps),
-                      dict(row, ADD_MODE=add_mode, NUM_MIX=1, WRITE_STATS=True)))
+                      dict(row, ROWS=launch["row_block"], ADD_MODE=add_mode, NUM_MIX=1, WRITE_STATS=True)))
     specs.append((_ln_shift_mix, (f32, f32, bf16, f32, u8, f32, f32, f32, bf16, f32, T, eps),  # ln2 + mixes k, r
-                  dict(row, ADD_MODE=1, NUM_MIX=2, WRITE_STATS=False)))
+                  dict(row, ROWS=launch["row_block"], ADD_MODE=1, NUM_MIX=2, WRITE_STATS=False)))
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
