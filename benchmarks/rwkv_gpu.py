@@ -296,15 +296,43 @@ def step_profile(args) -> None:
     encoder = load_encoder(args.path, "cuda", fused=not args.eager)
     ids = sentences(WORKLOADS["B"])[:3000]
     layer = encoder.resolve_layer(-1)
-    pooled(encoder, ids, layer)
+    from plugins.rwkv import encoder as encoder_module
+
+    for ahead in (1, 2, 0):
+        encoder_module.PACKS_AHEAD = ahead
+        wall = timed(lambda: pooled(encoder, ids, layer), warmup=1, repeats=3)
+        print(f"{ahead} pack(s) queued ahead: {wall * 1e3:.1f} ms")
+    encoder_module.PACKS_AHEAD = 1
+    lengths = np.array([len(s) for s in ids])
+    pack = next(encoder_module._packs(np.argsort(-lengths, kind="stable"), lengths, 8192))
+    with torch.cuda.stream(torch.cuda.Stream()):
+        for _ in range(3):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            encoder._forward(pack, ids, lengths, layer.index, torch.device("cuda"))
+            queued = time.perf_counter()
+            torch.cuda.synchronize()
+            print(f"one pack of {lengths[pack].sum()} tokens: host queues it in {1e3 * (queued - started):.1f} ms, "
+                  f"GPU done {1e3 * (time.perf_counter() - started):.1f} ms after the start")
+    wall = timed(lambda: pooled(encoder, ids, layer), warmup=1, repeats=3)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         pooled(encoder, ids, layer)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events)
-    print(f"GPU busy {total / 1e3:.1f} ms for {sum(map(len, ids))} tokens")
+    print(f"GPU busy {total / 1e3:.1f} ms for {sum(map(len, ids))} tokens; wall {wall * 1e3:.1f} ms unprofiled "
+          f"(GPU idle {100 * max(0.0, 1 - total / 1e6 / wall):.0f}%)")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:14]:
         print(f"{100 * e.self_device_time_total / total:5.1f}%  {e.self_device_time_total / 1e3:8.2f} ms  {e.count:6d}×  {e.key[:90]}")
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
+    idle = [g for g in gaps if g[0] > 0]
+    print(f"between GPU ops: {sum(g[0] for g in idle) / 1e3:.1f} ms idle in {len(idle)} gaps; "
+          f"{sum(g[0] for g in idle if g[0] > 20) / 1e3:.1f} ms in {sum(g[0] > 20 for g in idle)} gaps over 20 µs; longest:")
+    for gap, before, after in sorted(idle, reverse=True)[:6]:
+        print(f"  {gap / 1e3:7.2f} ms after {before[:50]} before {after[:50]}")
 
 
 def step_matmul(args) -> None:
@@ -350,9 +378,12 @@ def step_tune(args) -> None:
         if keep:
             best.update(json.loads(min(timings, key=timings.get)))
 
-    pick("ln_shift_mix", [{"row_warps": w} for w in (4, 8, 16)],
-         lambda row_warps: fused._ln_shift_mix[(T,)](x, x, x, x, is_start, norm.weight, norm.bias, maa5, mixes, stats, T, 1e-5,
-                                                     C=C, BLOCK_C=C, ADD_MODE=0, NUM_MIX=1, WRITE_STATS=True, num_warps=row_warps))
+    bf = torch.randn(2, T, C, device="cuda", dtype=torch.bfloat16)
+    x_out = torch.empty_like(x)
+    pick("ln_shift_mix", [{"row_warps": w, "row_block": rows} for w in (4, 8) for rows in (1, 2, 4, 8)],
+         lambda row_warps, row_block: fused._ln_shift_mix[(triton.cdiv(T, row_block),)](
+             x, x_out, bf[0], bf[1], is_start, norm.weight, norm.bias, maa5, mixes, stats, T, 1e-5, C=C, BLOCK_C=C,
+             ROWS=row_block, ADD_MODE=2, NUM_MIX=1, WRITE_STATS=True, num_warps=row_warps))
     pick("lerp5", [{"lerp_rows": bt, "lerp_cols": bc, "lerp_warps": w} for bt in (16, 32, 64) for bc in (64, 128, 256) for w in (4, 8)],
          lambda lerp_rows, lerp_cols, lerp_warps: fused._lerp5[(triton.cdiv(T, lerp_rows), triton.cdiv(C, lerp_cols))](
              x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2, maa5, mixes, T, C=C, RANK=32,
