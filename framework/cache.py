@@ -33,7 +33,9 @@ MEMORY_BYTES = 4 * 2**30
 
 
 def timed(batches: Iterable[TokenStates]) -> Iterator[tuple[TokenStates | None, float]]:
-    """Each batch with the seconds spent producing it (GPU work waited for), not the consumer's time.
+    """Each batch with the seconds the consumer waited for it (its GPU work included), not the
+    consumer's own time. Only the consumer's stream is waited for: an encoder that already
+    computes the next batch on a stream of its own (as rwkv does) keeps doing so meanwhile.
 
     Ends with ``(None, seconds)``: the last call, which may still do work (e.g. write a cache file).
     """
@@ -42,7 +44,7 @@ def timed(batches: Iterable[TokenStates]) -> Iterator[tuple[TokenStates | None, 
         started = time.perf_counter()
         batch = next(iterator, None)
         if batch is not None and batch.states.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream(batch.states.device).synchronize()
         yield batch, time.perf_counter() - started
         if batch is None:
             return

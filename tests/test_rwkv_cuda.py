@@ -83,3 +83,24 @@ def test_packs_run_one_ahead_on_their_own_stream_and_equal_one_big_pack(tmp_path
     assert batches[96] >= 10 and batches[1 << 20] == 1
     cosine = torch.nn.functional.cosine_similarity(pooled[96], pooled[1 << 20], dim=1)
     assert float(cosine.min()) >= 0.9999
+
+
+def test_timing_a_batch_waits_for_that_batch_not_for_work_queued_behind_it():
+    """The harness's encode timer must not drain the encoder's own stream (which already computes
+    the next pack), or the overlap of packs with the caller's work is lost in every job."""
+    from collections import Counter
+
+    from framework.cache import timed
+    from framework.data import TokenStates
+
+    side = torch.cuda.Stream()
+
+    def batches():
+        states = torch.ones(2, 3, 4, device="cuda")
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(2_000_000_000)  # about a second of the next pack's work
+        yield TokenStates(states, torch.ones(2, 3, dtype=torch.bool, device="cuda"), torch.arange(2), Counter())
+
+    spent = [seconds for batch, seconds in timed(batches()) if batch is not None]
+    side.synchronize()
+    assert spent[0] < 0.3
