@@ -119,7 +119,8 @@ def flops_per_token(model, blocks: int) -> float:
 
 
 def step_ours(args) -> None:
-    encoder = load_encoder(args.path, "cuda", fused=not args.eager, batch_tokens=args.batch_tokens)
+    encoder = load_encoder(args.path, "cuda", fused=not args.eager, batch_tokens=args.batch_tokens,
+                           cuda_graphs=not args.no_cuda_graphs)
     weights = torch.cuda.memory_allocated()
     for name, n in WORKLOADS.items():
         ids = sentences(n)
@@ -128,7 +129,7 @@ def step_ours(args) -> None:
             layer = encoder.resolve_layer(layer_value)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(lambda: pooled(encoder, ids, layer), warmup=1, repeats=3)
-            record(args, step="ours", fused=not args.eager, batch_tokens=args.batch_tokens, workload=name,
+            record(args, step="ours", fused=not args.eager, cuda_graphs=not args.no_cuda_graphs, batch_tokens=args.batch_tokens, workload=name,
                    blocks=layer.block + 1, sentences=n, tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds,
                    seconds_per_pair=2 * seconds / n, peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30,
                    weights_gib=weights / 2**30, flops_per_token=flops_per_token(encoder.model, layer.block + 1))
@@ -397,7 +398,14 @@ def step_tune(args) -> None:
     pick("wkv", [{"wkv_block": b, "wkv_warps": w} for b in (16, 32) for w in (1, 2)],
          lambda wkv_block, wkv_warps: fused._wkv_steps[(len(ids), H)](
              r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y, scratch, cu,
-             att.ln_x.eps, H=H, N=N, BT=wkv_block, num_warps=wkv_warps))
+             cu.new_full((1,), len(ids)), torch.zeros(H, dtype=torch.int32, device="cuda"), att.ln_x.eps, H=H, N=N,
+             BT=wkv_block, num_warps=wkv_warps))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    pick("wkv in a CUDA graph (programs per head share the sentences)", [{"wkv_programs_per_sm": p} for p in (4, 6, 8, 12, 16)],
+         lambda wkv_programs_per_sm: fused._wkv_steps[(-(-sms * wkv_programs_per_sm // H), H)](
+             r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y, scratch, cu,
+             cu.new_full((1,), len(ids)), torch.zeros(H, dtype=torch.int32, device="cuda"), att.ln_x.eps, H=H, N=N,
+             BT=best["wkv_block"], num_warps=best["wkv_warps"]))
     big = torch.randn(T, SHAPE["ffn"], device="cuda", dtype=torch.bfloat16)
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
@@ -434,7 +442,7 @@ def step_all(args) -> None:
     """One run: every figure of the report on this machine, then the report of this run."""
     if not args.path.exists():
         step_weights(args)
-    steps = [["matmul"], ["cold"], ["ours"], ["ours", "--batch-tokens", "16384"], ["parity"], ["fla"]]
+    steps = [["matmul"], ["cold"], ["ours"], ["ours", "--no-cuda-graphs"], ["ours", "--batch-tokens", "16384"], ["parity"], ["fla"]]
     for step in steps:
         command = [sys.executable, __file__, step[0], str(args.path), "--results", str(args.results), "--run", args.run, *step[1:]]
         done = subprocess.run(command + (["--skip-padded"] if args.skip_padded else []))
@@ -450,7 +458,7 @@ def step_report(args) -> None:
     for f in figures:  # the latest figure of each kind in this run
         if f.get("run") == run:
             key = json.dumps([f.get(k) for k in ("step", "mode", "workload", "blocks", "caches", "file", "layer", "fused", "batch_tokens",
-                                                 "kernel", "choice")])
+                                                 "kernel", "choice", "cuda_graphs")])
             latest[key] = f
     figures = list(latest.values())
     by = lambda **kw: [f for f in figures if all(f.get(k) == v for k, v in kw.items())]  # noqa: E731
@@ -463,7 +471,8 @@ def step_report(args) -> None:
         flops = next((o["flops_per_token"] for o in by(step="ours") if o["blocks"] == f["blocks"]), None)
         roof = f"{100 * f['tokens_per_second'] * flops / (matmul * 1e12):.0f}%" if matmul and flops else ""
         memory = f"{f['peak_gpu_gib']:.2f} GiB (weights {f['weights_gib']:.2f})" if "peak_gpu_gib" in f else ""
-        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'}, packs of {f.get('batch_tokens') or 8192} tokens)"
+        graphs = ", no CUDA graphs" if f.get("cuda_graphs") is False else ""
+        name = (f"layerprobe ({'fused' if f.get('fused', True) else 'eager'}{graphs}, packs of {f.get('batch_tokens') or 8192} tokens)"
                 if f["step"] == "ours" else f"fla RWKV6Model ({f['mode']})")
         ratio = f"{f['tokens_per_second'] / peer['tokens_per_second']:.2f}×" if peer else ""
         print(f"| {name}, workload {f['workload']}, {f['blocks']} blocks | {f['tokens_per_second']:,.0f} | {f['seconds']:.3f} | "
@@ -496,6 +505,7 @@ def main() -> None:
     parser.add_argument("--skip-padded", action="store_true", help="fla: only its packed mode (the peer that counts)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="ours: tokens per packed forward")
     parser.add_argument("--eager", action="store_true", help="ours/cold/parity: plain PyTorch between matmuls (encoder.fused=false)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: queue each pack's kernels from Python (encoder.cuda_graphs=false)")
     parser.add_argument("--write", action="store_true", help="tune: store the best choices in plugins/rwkv/launch.json")
     args = parser.parse_args()
     globals()[f"step_{args.step.replace('-', '_')}"](args)

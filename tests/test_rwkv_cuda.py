@@ -104,3 +104,34 @@ def test_timing_a_batch_waits_for_that_batch_not_for_work_queued_behind_it():
     spent = [seconds for batch, seconds in timed(batches()) if batch is not None]
     side.synchronize()
     assert spent[0] < 0.3
+
+
+def test_cuda_graphs_replay_the_fused_forward_for_packs_of_any_bucket_and_layer(tmp_path):
+    """Packs of two buckets at two layers, replayed from CUDA graphs, give the fused forward's states;
+    encoding again captures nothing new; a sentence longer than the budget runs without a graph."""
+    from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
+    from plugins.rwkv.random_checkpoint import random_state
+
+    torch.save(random_state(3, 256, 896, 65536, seed=5), tmp_path / "small.pth")
+    sentences = [f"words, {i} of them, " * (1 + i % 11) for i in range(80)] + ["a long one " * 1200, ""]
+    states = {}
+    for graphs in (False, True):
+        encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device="cuda", batch_tokens=700,
+                                          cuda_graphs=graphs, progress=False))
+        for repeat in range(2 if graphs else 1):
+            for layer in (1, 3):
+                rows = {}
+                for batch in encoder.encode(sentences, encoder.resolve_layer(layer)):
+                    for row, i in enumerate(batch.sentence_index.tolist()):
+                        rows[i] = batch.states[row][batch.mask[row]].float().cpu()
+                states[graphs, layer] = rows
+            if graphs and repeat == 0:
+                captured = dict(encoder._graphs.graphs)
+    assert {bucket for bucket, _ in captured} == {512, 1024} and {layer for _, layer in captured} == {1, 3}
+    assert all(encoder._graphs.graphs[key] is graph for key, graph in captured.items()) and len(encoder._graphs.graphs) == len(captured)
+    for layer in (1, 3):
+        eager, replayed = states[False, layer], states[True, layer]
+        assert eager.keys() == replayed.keys() == set(range(len(sentences)))
+        for i in eager:
+            assert eager[i].shape == replayed[i].shape
+            assert float((eager[i] - replayed[i]).norm() / eager[i].norm().clamp_min(1e-6)) < 1e-2, (layer, i)

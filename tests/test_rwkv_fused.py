@@ -110,11 +110,12 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     assert relative(mixes, (xx + sx * (maa[:, None, :] + m)).bfloat16()) < 1e-3
 
 
-@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("block, programs", [(16, len(LENGTHS)), (32, 2)])
 @pytest.mark.parametrize("decays", ["slow", "fast"])
-def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, decays):
+def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, programs, decays):
     """Decays near 1 and decays that multiply to far below e^-60 within a sentence; sentences of 1
-    to 40 tokens; group norm and gate over tiles of ``block`` tokens."""
+    to 40 tokens; group norm and gate over tiles of ``block`` tokens; a program per sentence, or
+    fewer programs than sentences, taking them from the queue (as in a CUDA graph)."""
     fast, _ = models
     _, cu = batch
     att = fast.blocks[0].att
@@ -126,7 +127,10 @@ def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, 
     y = torch.full((T, H * N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     common = (att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
     scratch = torch.full((T, H * N), float("nan"), device=DEVICE)
-    fused._wkv_steps[(len(LENGTHS), H)](r, k, v, wd, *common, scratch, cu, att.ln_x.eps, H=H, N=N, BT=block)
+    count = torch.tensor([len(LENGTHS)], device=DEVICE)
+    queue = torch.zeros(H, dtype=torch.int32, device=DEVICE)
+    fused._wkv_steps[(programs, H)](r, k, v, wd, *common, scratch, cu, count, queue, att.ln_x.eps, H=H, N=N, BT=block)
+    assert queue.tolist() == [len(LENGTHS) + programs] * H  # each program took sentences until the queue ran out
     decay = torch.exp(-torch.exp(att.time_decay[0, 0] + wd.float()))
     if decays == "fast":
         assert float(decay.log()[:16].sum(0).min()) < -60  # fast decays: the state fades within a sentence, exactly
@@ -158,3 +162,22 @@ def test_bf16_conversion_rounds_to_nearest_even():
     y = torch.empty_like(x, dtype=torch.bfloat16)
     convert[(1,)](x, y, x.numel(), BLOCK=1024)
     assert torch.equal(y, x.bfloat16())
+
+
+def test_padding_a_pack_to_a_graph_bucket_leaves_every_real_state_unchanged(models, batch):
+    """What a CUDA graph runs: the pack padded with one-token sentences, the sentence count read on
+    the device, fewer WKV programs than sentences. The real tokens' states are those of the pack alone."""
+    from plugins.rwkv.graphs import padded_pack
+
+    fast, _ = models
+    tokens, cu = batch
+    T = len(tokens)
+    alone = fused.run_blocks(fast.blocks, embedded(fast, tokens), Packed(cu, T).is_start, cu, fast.ln_out)
+    padded, cu_padded, is_start = padded_pack(tokens.cpu().numpy(), torch.tensor(LENGTHS).numpy(), T + 9)
+    assert len(cu_padded) == len(LENGTHS) + 10 and is_start[T:].all()
+    sentences = fused.Sentences(torch.from_numpy(cu_padded).to(DEVICE), torch.tensor([len(cu_padded) - 1], device=DEVICE),
+                                programs=3)
+    out = fused.run_blocks(fast.blocks, embedded(fast, torch.from_numpy(padded).to(DEVICE)),
+                           torch.from_numpy(is_start).to(DEVICE), sentences, fast.ln_out)
+    assert out.shape == (T + 9, alone.shape[1]) and not out.isnan().any()
+    assert relative(out[:T], alone) < 1e-5

@@ -26,6 +26,7 @@ class RWKVOptions:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     batch_tokens: int | None = None  # tokens per packed forward; null = 8192 on CUDA (activations within 1 GiB for the 1B6 shape), 4096 on CPU
     fused: bool = True  # CUDA: Triton kernels for the elementwise work between matmuls (false: plain PyTorch)
+    cuda_graphs: bool = True  # fused CUDA path: each pack's forward replayed from a CUDA graph (one per 512-token bucket and layer)
     progress: bool = True  # a progress bar for encodes that take more than a few seconds
 
 
@@ -40,6 +41,7 @@ class RWKVEncoder:
         self._tokenizer = None
         self._checkpoint_source = ""
         self._stream = None  # CUDA: the stream the forwards run on (see _forwards)
+        self._graphs = None  # fused CUDA path: plugins.rwkv.graphs.PackGraphs, made at the first pack
 
     @property
     def device(self) -> torch.device:
@@ -171,16 +173,29 @@ class RWKVEncoder:
         """Queue one pack's forward; nothing here waits for the GPU (inputs go through pinned memory,
         and the scatter into padded rows uses positions computed on the host)."""
         pack_lengths = torch.from_numpy(lengths[pack])
-        tokens = torch.from_numpy(np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack]))
-        cu_seqlens = torch.zeros(len(pack) + 1, dtype=torch.int64)
-        cu_seqlens[1:] = torch.cumsum(pack_lengths, 0)
-        hidden = self.model.hidden_state(_to(tokens, device), _to(cu_seqlens, device), index)
+        tokens = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack])
+        graphs = self._pack_graphs(device)
+        if graphs is not None and graphs.fits(len(tokens)):
+            hidden = graphs.hidden_state(tokens, lengths[pack], index)
+        else:
+            cu_seqlens = torch.zeros(len(pack) + 1, dtype=torch.int64)
+            cu_seqlens[1:] = torch.cumsum(pack_lengths, 0)
+            hidden = self.model.hidden_state(_to(torch.from_numpy(tokens), device), _to(cu_seqlens, device), index)
         width = int(pack_lengths.max())
         mask = torch.arange(width)[None, :] < pack_lengths[:, None]
         positions = mask.view(-1).nonzero().squeeze(1)  # row-major: the packed token order
         states = hidden.new_zeros(len(pack), width, hidden.shape[1])
         states.view(-1, hidden.shape[1]).index_copy_(0, _to(positions, device), hidden)
         return states, _to(mask, device)
+
+
+    def _pack_graphs(self, device):
+        """The CUDA graphs of the fused path (None elsewhere, or with ``cuda_graphs=false``)."""
+        if self._graphs is None and self.options.cuda_graphs and device.type == "cuda" and self.model.fused:
+            from plugins.rwkv.graphs import PackGraphs
+
+            self._graphs = PackGraphs(self.model, device, self.options.batch_tokens or 8192)
+        return self._graphs
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -159,50 +159,58 @@ def _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N: tl.constexpr
 
 
 @triton.jit
-def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, eps, H: tl.constexpr,
-               N: tl.constexpr, BT: tl.constexpr):
-    """One (sentence, head), token by token: the state in float32 registers, each token's output to
-    ``SCRATCH`` (float32); then group norm and gate over the sentence, ``BT`` tokens at a time.
+def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, NUM_SEQS, NEXT, eps,
+               H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr):
+    """(Sentence, head) pairs, token by token: the state in float32 registers, each token's output
+    to ``SCRATCH`` (float32); then group norm and gate over the sentence, ``BT`` tokens at a time.
 
-    The loop carries only the state update, so it is short and latency-bound: the next token's
-    inputs are loaded before the current one is computed. Exact for any decay.
+    The programs of a head take its sentences from a queue (``NEXT[head]``, zero at launch, counts
+    up to ``NUM_SEQS``, which is read on the device): any number of programs serves any number of
+    sentences, so one CUDA graph launch serves every pack, and sentences of unequal length keep
+    every program busy. The token loop carries only the state update, so it is short and
+    latency-bound: the next token's inputs are loaded before the current one is computed. Exact
+    for any decay.
     """
-    sentence, head = tl.program_id(0), tl.program_id(1)
-    start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
-    end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
+    head = tl.program_id(1)
     n = tl.arange(0, N)
     channel = head * N + n
     bonus = tl.load(U + channel)
     time_decay = tl.load(TIME_DECAY + channel)
-    state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
-    offset = start * H * N + channel
-    r = tl.load(R + offset).to(tl.float32)
-    k = tl.load(K + offset).to(tl.float32)
-    v = tl.load(V + offset).to(tl.float32)
-    wd = tl.load(WD + offset).to(tl.float32)
-    for t in range(start, end):
-        following = (t + 1 + tl.zeros_like(n)) < end
-        next_offset = offset + H * N
-        r_next = tl.load(R + next_offset, mask=following, other=0.0).to(tl.float32)
-        k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
-        v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
-        wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
-        # out = r·(u⊙k) v + r·state: the bonus term is one dot product, not a [N, N] one
-        out = tl.sum(r * bonus * k, axis=0) * v + tl.sum(r[:, None] * state, axis=0)
-        tl.store(SCRATCH + offset, out)
-        state = k[:, None] * v[None, :] + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
-        offset = next_offset
-        r, k, v, wd = r_next, k_next, v_next, wd_next
-    tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
     rows = tl.arange(0, BT)
     ln_w = tl.load(LNX_W + channel)[None, :]
     ln_b = tl.load(LNX_B + channel)[None, :]
-    for first in range(start, end, BT):
-        tokens = first + rows
-        valid = (tokens < end)[:, None] & (n >= 0)[None, :]
-        offsets = tokens[:, None] * (H * N) + channel[None, :]
-        out = tl.load(SCRATCH + offsets, mask=valid, other=0.0)
-        _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N)
+    count = tl.load(NUM_SEQS)
+    sentence = tl.atomic_add(NEXT + head, 1)
+    while sentence < count:
+        start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
+        end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
+        state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
+        offset = start * H * N + channel
+        r = tl.load(R + offset).to(tl.float32)
+        k = tl.load(K + offset).to(tl.float32)
+        v = tl.load(V + offset).to(tl.float32)
+        wd = tl.load(WD + offset).to(tl.float32)
+        for t in range(start, end):
+            following = (t + 1 + tl.zeros_like(n)) < end
+            next_offset = offset + H * N
+            r_next = tl.load(R + next_offset, mask=following, other=0.0).to(tl.float32)
+            k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
+            v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
+            wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
+            # out = r·(u⊙k) v + r·state: the bonus term is one dot product, not a [N, N] one
+            out = tl.sum(r * bonus * k, axis=0) * v + tl.sum(r[:, None] * state, axis=0)
+            tl.store(SCRATCH + offset, out)  # normed after the loop: in it, the loop is ~30% slower (H100)
+            state = k[:, None] * v[None, :] + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
+            offset = next_offset
+            r, k, v, wd = r_next, k_next, v_next, wd_next
+        tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
+        for first in range(start, end, BT):
+            tokens = first + rows
+            valid = (tokens < end)[:, None] & (n >= 0)[None, :]
+            offsets = tokens[:, None] * (H * N) + channel[None, :]
+            out = tl.load(SCRATCH + offsets, mask=valid, other=0.0)
+            _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N)
+        sentence = tl.atomic_add(NEXT + head, 1)
 
 
 @triton.jit(do_not_specialize=["count"])
@@ -263,7 +271,7 @@ def _stacked(module, names: tuple[str, ...]) -> torch.Tensor:
     return cached[1]
 
 
-def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
+def _time_mix(att, x, pending, norm, is_start, sentences, queue, launch):
     """x + att(ln(x)) as (new x, pending add of the attention output)."""
     T, C = x.shape
     H, N = att.time_faaaa.shape
@@ -281,10 +289,10 @@ def _time_mix(att, x, pending, norm, is_start, cu_seqlens, launch):
     wd = torch.tanh(wx @ att.time_decay_w1) @ att.time_decay_w2
     del mixes, wx, kx, vx, rx, gx, mix_x, lora  # their memory serves the WKV's scratch
     y = torch.empty_like(r)
-    _wkv_steps[(cu_seqlens.numel() - 1, H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
-                                            att.ln_x.bias, y, torch.empty(r.shape, dtype=torch.float32, device=r.device),
-                                            cu_seqlens, att.ln_x.eps, H=H, N=N, BT=launch["wkv_block"],
-                                            num_warps=launch["wkv_warps"])
+    _wkv_steps[(sentences.programs, H)](r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight,
+                                        att.ln_x.bias, y, torch.empty(r.shape, dtype=torch.float32, device=r.device),
+                                        sentences.cu_seqlens, sentences.count, queue, att.ln_x.eps, H=H, N=N,
+                                        BT=launch["wkv_block"], num_warps=launch["wkv_warps"])
     return x, _Pending(1, y @ att.output.weight.t())
 
 
@@ -298,14 +306,29 @@ def _channel_mix(ffn, x, pending, norm, is_start, launch):
     return x, _Pending(2, xr @ ffn.receptance.weight.t(), key @ ffn.value.weight.t())
 
 
-def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torch.Tensor,
+class Sentences:
+    """Where the sentences of a packed batch start (``cu_seqlens``), how many there are (``count``,
+    an int64 [1] tensor on the device) and how many programs per head the WKV kernel launches (by
+    default one per sentence). Sizes that live on the device let one CUDA graph serve packs of
+    any number of sentences."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, count: torch.Tensor | None = None, programs: int | None = None):
+        self.cu_seqlens = cu_seqlens
+        self.count = count if count is not None else cu_seqlens.new_full((1,), cu_seqlens.numel() - 1)
+        self.programs = programs or max(1, cu_seqlens.numel() - 1)
+
+
+def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torch.Tensor | Sentences,
                final_norm: torch.nn.LayerNorm | None) -> torch.Tensor:
     """``x`` (float32 [T, C]) through ``blocks``, then ``final_norm`` if given: the eager model's result."""
     launch = launch_choices(torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0))  # CPU: Triton's interpreter
     is_start = is_start.view(torch.uint8)
+    sentences = cu_seqlens if isinstance(cu_seqlens, Sentences) else Sentences(cu_seqlens)
+    heads = blocks[0].att.time_faaaa.shape[0] if len(blocks) else 0
+    queues = torch.zeros(len(blocks), heads, dtype=torch.int32, device=x.device)  # per block's WKV: each head's next sentence
     pending = _Pending()
-    for block in blocks:
-        x, pending = _time_mix(block.att, x, pending, block.ln1, is_start, cu_seqlens, launch)
+    for block, queue in zip(blocks, queues):
+        x, pending = _time_mix(block.att, x, pending, block.ln1, is_start, sentences, queue, launch)
         x, pending = _channel_mix(block.ffn, x, pending, block.ln2, is_start, launch)
     if not pending.mode and final_norm is None:
         return x
@@ -335,7 +358,7 @@ def _specializations(config, launch: dict) -> list[tuple]:
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
-    specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, eps),
+    specs.append((_wkv_steps, (bf16, bf16, bf16, bf16, f32, f32, bf16, f32, f32, bf16, f32, i64, i64, torch.int32, eps),
                   dict(H=H, N=N, BT=launch["wkv_block"], num_warps=launch["wkv_warps"])))
     specs.append((_relu_square, (bf16, T * config.ffn_size), dict(BLOCK=launch["elementwise_block"], num_warps=launch["elementwise_warps"])))
     for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):

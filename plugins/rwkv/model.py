@@ -176,8 +176,11 @@ class RWKV6(nn.Module):
 
     def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
-        x = _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
-        return self.continue_from(x, cu_seqlens, -1, index)
+        return self.continue_from(self.embed(tokens), cu_seqlens, -1, index)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embeddings after ``ln0`` (float32): what block 0 reads."""
+        return _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
 
     def continue_from(self, x: torch.Tensor, cu_seqlens: torch.Tensor, after: int, index: int) -> torch.Tensor:
         """``hidden_states[index]`` from ``x`` = ``hidden_states[after]`` (-1: the embeddings after ln0)."""
