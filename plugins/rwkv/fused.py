@@ -327,8 +327,8 @@ def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torc
     T, C = x.shape
     pending = _Pending()
     for block, queue in zip(blocks, queues):
-        # Each sub-block first applies the pending add; the old x and the add are then dropped (del),
-        # so their memory serves the sub-block: activations peak ~25% lower than holding them.
+        # Each sub-block's first kernel applies the pending add; the old x and the add are then
+        # dropped (del), so their memory serves the sub-block instead of adding to its peak.
         stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
         x, mix_x = _ln_shift_lerp(x, pending, is_start, block.ln1, block.att.time_maa_x.view(1, C), launch, stats)
         del pending
