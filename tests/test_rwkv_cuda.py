@@ -44,6 +44,9 @@ def test_safetensors_stream_to_the_gpu_holds_the_files_tensors(tmp_path):
     for key, tensor in on_cpu.state.items():
         assert on_gpu.state[key].is_cuda and on_gpu.state[key].data_ptr() % 256 == 0
         assert torch.equal(on_gpu.state[key].cpu(), tensor), key
+    for block in range(2):  # the fused path's [4, A, C] projections are a view of the streamed buffer
+        weights = [on_gpu.state[f"blocks.{block}.att.{name}.weight"] for name in ("key", "value", "receptance", "gate")]
+        assert [w.data_ptr() - weights[0].data_ptr() for w in weights] == [i * weights[0].nbytes for i in range(4)]
 
 
 def test_precompile_covers_every_kernel_the_blocks_launch(tmp_path):

@@ -181,3 +181,25 @@ def test_padding_a_pack_to_a_graph_bucket_leaves_every_real_state_unchanged(mode
                            torch.from_numpy(is_start).to(DEVICE), sentences, fast.ln_out)
     assert out.shape == (T + 9, alone.shape[1]) and not out.isnan().any()
     assert relative(out[:T], alone) < 1e-5
+
+
+def test_attention_projections_are_one_tensor_without_a_copy(models):
+    """The batched matmul's [4, A, C] weights: a view when the weights lie back to back in
+    (key, value, receptance, gate) order, as streamed files place them; otherwise one stack that
+    the modules' weights then view (their values unchanged)."""
+    fast, _ = models
+    att = fast.blocks[1].att
+    linears = (att.key, att.value, att.receptance, att.gate)
+    before = [linear.weight.clone() for linear in linears]
+    stacked = fused._projections(att)
+    assert stacked.shape == (4, *before[0].shape) and fused._projections(att) is stacked
+    for linear, weight, view in zip(linears, before, stacked):
+        assert linear.weight.data_ptr() == view.data_ptr() and torch.equal(linear.weight, weight)
+
+    buffer = torch.randn(4 * before[0].numel() + 64, device=DEVICE).bfloat16()  # a streamed file's buffer
+    block = build_model(Checkpoint(infer_config(random_state(1, 128, 448, 512, seed=6), "random"),
+                                   random_state(1, 128, 448, 512, seed=6), "random"), DEVICE).blocks[0].att
+    for i, linear in enumerate((block.key, block.value, block.receptance, block.gate)):
+        linear.weight.data = buffer[64 + i * before[0].numel():][: before[0].numel()].view(before[0].shape)
+    view = fused._projections(block)
+    assert view.data_ptr() == buffer[64:].data_ptr() and torch.equal(view[2], block.receptance.weight)

@@ -20,6 +20,9 @@ from plugins.rwkv.model import RWKV6, RWKV6Config
 
 HF_RENAMES = ((r"^rwkv\.", ""), (r"^embeddings\.", "emb."), (r"\.pre_ln\.", ".ln0."),
               (r"\.attention\.", ".att."), (r"\.feed_forward\.", ".ffn."))
+# The attention projections that the fused CUDA path multiplies as one [4, A, C] batch, in its
+# order: streamed files place them back to back in this order, so that batch is a view (no copy).
+PROJECTIONS = ("key", "value", "receptance", "gate")
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin",
                 "pytorch_model.bin.index.json", "*.txt"]
 
@@ -156,9 +159,9 @@ def _stream_safetensors(file: Path, header: dict[str, dict], data_start: int, de
     of a memory map. Each tensor lands 256-byte aligned (what cuBLAS and Triton kernels like)."""
     entries = sorted(header.items(), key=lambda item: item[1]["begin"])
     offsets, total = {}, 0
-    for key, info in entries:
+    for key in _destination_order([key for key, _ in entries]):
         offsets[key] = total
-        total += -(-(info["end"] - info["begin"]) // 256) * 256
+        total += -(-(header[key]["end"] - header[key]["begin"]) // 256) * 256
     buffer = torch.empty(max(total, 1), dtype=torch.uint8, device=device)
     data_end = max((info["end"] for info in header.values()), default=0)
     staging = [torch.empty(min(STREAM_CHUNK, max(data_end, 1)), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
@@ -192,6 +195,23 @@ def _stream_safetensors(file: Path, header: dict[str, dict], data_start: int, de
     stream.synchronize()
     return {key: buffer[offsets[key]: offsets[key] + info["end"] - info["begin"]].view(info["dtype"]).view(info["shape"])
             for key, info in header.items()}
+
+
+def _destination_order(keys: list[str]) -> list[str]:
+    """``keys`` in file order, except that each block's four attention projections (either naming)
+    come together, in ``PROJECTIONS`` order."""
+    pattern = re.compile(r"(.*\.(?:att|attention))\.(" + "|".join(PROJECTIONS) + r")\.weight")
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
+        if match := pattern.fullmatch(key):
+            groups.setdefault(match.group(1), {})[match.group(2)] = key
+    order, placed = [], set()
+    for key in keys:
+        match = pattern.fullmatch(key)
+        together = [groups[match.group(1)][role] for role in PROJECTIONS] if match and len(groups[match.group(1)]) == 4 else [key]
+        order += [k for k in together if k not in placed]
+        placed.update(together)
+    return order
 
 
 # torch.save's legacy (pre-1.6, non-zip) format: a pickle whose first object is this magic number.
