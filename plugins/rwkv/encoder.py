@@ -117,7 +117,7 @@ class RWKVEncoder:
             counts = Counter()
         order = np.argsort(-lengths, kind="stable")
         order = order[lengths[order] > 0]
-        budget = self.options.batch_tokens or (8192 if device.type == "cuda" else 4096)
+        budget = self._budget(device)
         from framework.progress import progress as progress_of
 
         progress = progress_of(int(lengths.sum()), "rwkv encode", "token", self.options.progress)
@@ -188,13 +188,16 @@ class RWKVEncoder:
         states.view(-1, hidden.shape[1]).index_copy_(0, _to(positions, device), hidden)
         return states, _to(mask, device)
 
+    def _budget(self, device) -> int:
+        """Tokens per pack: ``batch_tokens``, else 8192 on CUDA (the 1B6 model's activations within 1 GiB), 4096 on CPU."""
+        return self.options.batch_tokens or (8192 if device.type == "cuda" else 4096)
 
     def _pack_graphs(self, device):
         """The CUDA graphs of the fused path (None elsewhere, or with ``cuda_graphs=false``)."""
         if self._graphs is None and self.options.cuda_graphs and device.type == "cuda" and self.model.fused:
             from plugins.rwkv.graphs import PackGraphs
 
-            self._graphs = PackGraphs(self.model, device, self.options.batch_tokens or 8192)
+            self._graphs = PackGraphs(self.model, device, self._budget(device))
         return self._graphs
 
 
