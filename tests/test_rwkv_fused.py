@@ -111,11 +111,14 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
 
 
 @pytest.mark.parametrize("block, programs", [(16, len(LENGTHS)), (32, 2)])
-@pytest.mark.parametrize("decays", ["slow", "fast"])
+@pytest.mark.parametrize("decays", ["slow", "fast", "zero"])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # exp(100) in the interpreter: the zero decays
 def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, programs, decays):
-    """Decays near 1 and decays that multiply to far below e^-60 within a sentence; sentences of 1
-    to 40 tokens; group norm and gate over tiles of ``block`` tokens; a program per sentence, or
-    fewer programs than sentences, taking them from the queue (as in a CUDA graph)."""
+    """Decays near 1 (their product stays above e^-30 over 40 tokens: the kernel never rescales its
+    state), decays that multiply to far below e^-60 within a sentence (it rescales often), and
+    decays of exactly 0 every third token (the state is wiped); sentences of 1 to 40 tokens; group
+    norm and gate over tiles of ``block`` tokens; a program per sentence, or fewer programs than
+    sentences, taking them from the queue (as in a CUDA graph)."""
     fast, _ = models
     _, cu = batch
     att = fast.blocks[0].att
@@ -123,7 +126,10 @@ def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, 
     T = int(cu[-1])
     generator = torch.Generator().manual_seed(5)
     r, k, v, g = (torch.randn(T, H * N, generator=generator).bfloat16().to(DEVICE) for _ in range(4))
-    wd = (0.5 * torch.randn(T, H * N, generator=generator) + (4.0 if decays == "fast" else 0.0)).bfloat16().to(DEVICE)
+    wd = 0.5 * torch.randn(T, H * N, generator=generator) + (4.0 if decays == "fast" else 0.0)
+    if decays == "zero":
+        wd[::3] = 100.0  # exp(-exp(100)) is exactly 0
+    wd = wd.bfloat16().to(DEVICE)
     y = torch.full((T, H * N), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     common = (att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y)
     scratch = torch.full((T, H * N), float("nan"), device=DEVICE)
@@ -132,8 +138,12 @@ def test_wkv_kernel_equals_recurrence_group_norm_and_gate(models, batch, block, 
     fused._wkv_steps[(programs, H)](r, k, v, wd, *common, scratch, cu, count, queue, att.ln_x.eps, H=H, N=N, BT=block)
     assert queue.tolist() == [len(LENGTHS) + programs] * H  # each program took sentences until the queue ran out
     decay = torch.exp(-torch.exp(att.time_decay[0, 0] + wd.float()))
+    if decays == "slow":
+        assert float(decay.log()[:40].sum(0).min()) > -fused.RESCALE.value
     if decays == "fast":
         assert float(decay.log()[:16].sum(0).min()) < -60  # fast decays: the state fades within a sentence, exactly
+    if decays == "zero":
+        assert (decay[::3] == 0).all()
     states = wkv6_reference(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), decay.view(T, H, N), att.time_faaaa, cu)
     expected = (F.group_norm(states.view(T, H * N), H, att.ln_x.weight, att.ln_x.bias, att.ln_x.eps) * F.silu(g).float()).bfloat16()
     assert not y.isnan().any()

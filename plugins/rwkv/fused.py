@@ -112,39 +112,61 @@ def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T
         prev_ln = xx
 
 
+@triton.jit
+def _mix(MIX, i, plane, offsets, ok, xx, sx, lora, w2, MAA, cols, col_ok, C: tl.constexpr, DOT_BF16: tl.constexpr):
+    """One of the five mixes: xx + sx ⊙ (maa_i + bf16(lora_i @ w2_i)) → bf16."""
+    if DOT_BF16:  # the bf16 bmm's product with float32 accumulation
+        m = tl.dot(lora, w2)
+    else:  # the same numbers (bf16 values are exact in tf32); Triton's interpreter mishandles bf16 dots
+        m = tl.dot(lora.to(tl.float32), w2.to(tl.float32), input_precision="tf32")
+    m = _bf16(m).to(tl.float32)
+    maa = tl.load(MAA + i * C + cols, mask=col_ok, other=0.0)[None, :]
+    tl.store(MIX + i * plane + offsets, _bf16(xx + sx * (maa + m)), mask=ok)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _lerp5(X, STATS, IS_START, LN_W, LN_B, LORA, W2, MAA, MIX, T,
            C: tl.constexpr, RANK: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, DOT_BF16: tl.constexpr):
     """Mixes w, k, v, r, g of a [BT, BC] tile: xx + sx ⊙ (maa_i + lora_i @ w2_i), ``LORA`` already
-    through tanh (once per token, not once per column tile)."""
+    through tanh (once per token, not once per column tile). Every load is issued before the first
+    dot: loading each mix's operands just before its dot left the kernel waiting on memory five
+    times in a row (H100: 135 µs → 105 µs for 8192 tokens, the same bits)."""
     rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     row_ok, col_ok = rows < T, cols < C
     ok = row_ok[:, None] & col_ok[None, :]
+    ranks = tl.arange(0, RANK)
+    lora_at = LORA + rows[:, None] * (5 * RANK) + ranks[None, :]
+    w2_at = W2 + ranks[:, None] * C + cols[None, :]
+    lora_w = tl.load(lora_at, mask=row_ok[:, None], other=0.0)  # (Triton's compiler takes no loops over lists)
+    lora_k = tl.load(lora_at + RANK, mask=row_ok[:, None], other=0.0)
+    lora_v = tl.load(lora_at + 2 * RANK, mask=row_ok[:, None], other=0.0)
+    lora_r = tl.load(lora_at + 3 * RANK, mask=row_ok[:, None], other=0.0)
+    lora_g = tl.load(lora_at + 4 * RANK, mask=row_ok[:, None], other=0.0)
+    w2_w = tl.load(w2_at, mask=col_ok[None, :], other=0.0)
+    w2_k = tl.load(w2_at + RANK * C, mask=col_ok[None, :], other=0.0)
+    w2_v = tl.load(w2_at + 2 * RANK * C, mask=col_ok[None, :], other=0.0)
+    w2_r = tl.load(w2_at + 3 * RANK * C, mask=col_ok[None, :], other=0.0)
+    w2_g = tl.load(w2_at + 4 * RANK * C, mask=col_ok[None, :], other=0.0)
     w = tl.load(LN_W + cols, mask=col_ok, other=0.0)[None, :]
     b = tl.load(LN_B + cols, mask=col_ok, other=0.0)[None, :]
-    x = tl.load(X + rows[:, None] * C + cols[None, :], mask=ok, other=0.0)
+    offsets = rows[:, None] * C + cols[None, :]
+    x = tl.load(X + offsets, mask=ok, other=0.0)
     mean = tl.load(STATS + rows * 2, mask=row_ok, other=0.0)[:, None]
     rstd = tl.load(STATS + rows * 2 + 1, mask=row_ok, other=0.0)[:, None]
-    xx = (x - mean) * rstd * w + b
     has_prev = row_ok & (tl.load(IS_START + rows, mask=row_ok, other=1) == 0)
     prev_ok = has_prev[:, None] & col_ok[None, :]
-    xp = tl.load(X + (rows - 1)[:, None] * C + cols[None, :], mask=prev_ok, other=0.0)
+    xp = tl.load(X + offsets - C, mask=prev_ok, other=0.0)
     mean_p = tl.load(STATS + (rows - 1) * 2, mask=has_prev, other=0.0)[:, None]
     rstd_p = tl.load(STATS + (rows - 1) * 2 + 1, mask=has_prev, other=0.0)[:, None]
+    xx = (x - mean) * rstd * w + b
     sx = tl.where(prev_ok, (xp - mean_p) * rstd_p * w + b, 0.0) - xx
-    ranks = tl.arange(0, RANK)
     plane = T.to(tl.int64) * C
-    for i in tl.static_range(5):
-        lora = tl.load(LORA + rows[:, None] * (5 * RANK) + i * RANK + ranks[None, :], mask=row_ok[:, None], other=0.0)
-        w2 = tl.load(W2 + i * RANK * C + ranks[:, None] * C + cols[None, :], mask=col_ok[None, :], other=0.0)
-        if DOT_BF16:  # the bf16 bmm's product with float32 accumulation
-            m = tl.dot(lora, w2)
-        else:  # the same numbers (bf16 values are exact in tf32); Triton's interpreter mishandles bf16 dots
-            m = tl.dot(lora.to(tl.float32), w2.to(tl.float32), input_precision="tf32")
-        m = _bf16(m).to(tl.float32)
-        maa = tl.load(MAA + i * C + cols, mask=col_ok, other=0.0)[None, :]
-        tl.store(MIX + i * plane + rows[:, None] * C + cols[None, :], _bf16(xx + sx * (maa + m)), mask=ok)
+    _mix(MIX, 0, plane, offsets, ok, xx, sx, lora_w, w2_w, MAA, cols, col_ok, C, DOT_BF16)
+    _mix(MIX, 1, plane, offsets, ok, xx, sx, lora_k, w2_k, MAA, cols, col_ok, C, DOT_BF16)
+    _mix(MIX, 2, plane, offsets, ok, xx, sx, lora_v, w2_v, MAA, cols, col_ok, C, DOT_BF16)
+    _mix(MIX, 3, plane, offsets, ok, xx, sx, lora_r, w2_r, MAA, cols, col_ok, C, DOT_BF16)
+    _mix(MIX, 4, plane, offsets, ok, xx, sx, lora_g, w2_g, MAA, cols, col_ok, C, DOT_BF16)
 
 
 @triton.jit
@@ -158,6 +180,9 @@ def _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N: tl.constexpr
     tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
 
 
+RESCALE = tl.constexpr(30.0)  # the WKV folds the decay into its state before 1/decay passes e^30
+
+
 @triton.jit
 def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLENS, NUM_SEQS, NEXT, eps,
                H: tl.constexpr, N: tl.constexpr, BT: tl.constexpr):
@@ -167,9 +192,15 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
     The programs of a head take its sentences from a queue (``NEXT[head]``, zero at launch, counts
     up to ``NUM_SEQS``, which is read on the device): any number of programs serves any number of
     sentences, so one CUDA graph launch serves every pack, and sentences of unequal length keep
-    every program busy. The token loop carries only the state update, so it is short and
-    latency-bound: the next token's inputs are loaded before the current one is computed. Exact
-    for any decay.
+    every program busy.
+
+    The state is kept as ``S = diag(exp(level)) ⊙ scaled``, ``level`` being the log of the decay
+    accumulated since the last rescale (per key, ≤ 0). A step is then two multiply-adds per state
+    element (``scaled += (k/exp(level)) vᵀ``, ``out += (r·exp(level))ᵀ scaled``), not three: the
+    decay moves from the [N, N] state onto two [N] vectors. Before ``1/exp(level)`` would pass
+    ``e^RESCALE`` the decay is folded into the state (a plain step), so any decay, down to exactly
+    0, stays exact to float32 rounding. The next token's inputs are loaded before the current one
+    is computed: the loop is short and latency-bound.
     """
     head = tl.program_id(1)
     n = tl.arange(0, N)
@@ -184,7 +215,8 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
     while sentence < count:
         start = tl.load(CU_SEQLENS + sentence).to(tl.int64)
         end = tl.load(CU_SEQLENS + sentence + 1).to(tl.int64)
-        state = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
+        scaled = tl.zeros([N, N], dtype=tl.float32)  # [key, value]
+        level = tl.zeros([N], dtype=tl.float32)
         offset = start * H * N + channel
         r = tl.load(R + offset).to(tl.float32)
         k = tl.load(K + offset).to(tl.float32)
@@ -197,10 +229,16 @@ def _wkv_steps(R, K, V, WD, TIME_DECAY, U, G, LNX_W, LNX_B, Y, SCRATCH, CU_SEQLE
             k_next = tl.load(K + next_offset, mask=following, other=0.0).to(tl.float32)
             v_next = tl.load(V + next_offset, mask=following, other=0.0).to(tl.float32)
             wd_next = tl.load(WD + next_offset, mask=following, other=0.0).to(tl.float32)
-            # out = r·(u⊙k) v + r·state: the bonus term is one dot product, not a [N, N] one
-            out = tl.sum(r * bonus * k, axis=0) * v + tl.sum(r[:, None] * state, axis=0)
+            decayed = level - tl.exp(time_decay + wd)  # log of this token's decay is -exp(w)
+            # out = r·(u⊙k) v + r·S: the bonus term is one dot product, not a [N, N] one
+            out = tl.sum(r * bonus * k, axis=0) * v + tl.sum((r * tl.exp(level))[:, None] * scaled, axis=0)
             tl.store(SCRATCH + offset, out)  # normed after the loop: in it, the loop is ~30% slower (H100)
-            state = k[:, None] * v[None, :] + tl.exp(-tl.exp(time_decay + wd))[:, None] * state
+            if tl.min(decayed, axis=0) < -RESCALE:
+                scaled = tl.exp(decayed)[:, None] * scaled + k[:, None] * v[None, :]
+                level = tl.zeros_like(level)
+            else:
+                scaled += (k * tl.exp(-decayed))[:, None] * v[None, :]
+                level = decayed
             offset = next_offset
             r, k, v, wd = r_next, k_next, v_next, wd_next
         tl.debug_barrier()  # the outputs above, stored by other threads of this program, are read below
