@@ -68,6 +68,10 @@ def test_fused_blocks_equal_the_eager_model(models, batch, index):
     assert out.dtype == torch.float32 and out.shape == eager.shape
     assert relative(out, eager) < 2e-3
     assert relative(out, reference) < 1.1 * relative(eager, reference) + 1e-4
+    given = torch.full_like(out, float("nan"))  # a CUDA graph's output buffer: written in place
+    assert fused.run_blocks(blocks, x, Packed(cu, x.shape[0]).is_start, cu, fast.ln_out if index == LAYERS else None,
+                            out=given) is given
+    assert torch.equal(given, out)
 
 
 def test_fused_blocks_continue_from_a_block_output_and_apply_ln_out_alone(models, batch):
@@ -213,3 +217,4 @@ def test_attention_projections_are_one_tensor_without_a_copy(models):
         linear.weight.data = buffer[64 + i * before[0].numel():][: before[0].numel()].view(before[0].shape)
     view = fused._projections(block)
     assert view.data_ptr() == buffer[64:].data_ptr() and torch.equal(view[2], block.receptance.weight)
+

@@ -378,8 +378,9 @@ class Sentences:
 
 
 def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torch.Tensor | Sentences,
-               final_norm: torch.nn.LayerNorm | None) -> torch.Tensor:
-    """``x`` (float32 [T, C]) through ``blocks``, then ``final_norm`` if given: the eager model's result."""
+               final_norm: torch.nn.LayerNorm | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (float32 [T, C]) through ``blocks``, then ``final_norm`` if given: the eager model's
+    result, written into ``out`` when given (a CUDA graph's output buffer: no copy)."""
     launch = launch_choices(torch.cuda.get_device_capability(x.device) if x.is_cuda else (0, 0))  # CPU: Triton's interpreter
     is_start = is_start.view(torch.uint8)
     sentences = cu_seqlens if isinstance(cu_seqlens, Sentences) else Sentences(cu_seqlens)
@@ -400,8 +401,8 @@ def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torc
         pending = _channel_mix(block.ffn, mix, launch)
         del mix
     if not pending.mode and final_norm is None:
-        return x
-    out = torch.empty_like(x)
+        return x if out is None else out.copy_(x)
+    out = torch.empty_like(x) if out is None else out
     add0, add1 = pending.args(x)
     norm = final_norm if final_norm is not None else blocks[-1].ln1  # unused when NORM is false
     _residual_out[(T,)](x, add0, add1, norm.weight, norm.bias, out, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),

@@ -89,8 +89,8 @@ class PackGraphs:
         blocks = model.blocks[: min(index + 1, model.config.num_layers)]
         final_norm = model.ln_out if index == model.config.num_layers else None
         sentences = fused.Sentences(self.cu_seqlens, self.count, self.wkv_programs)
-        x = fused.run_blocks(blocks, model.embed(self.tokens[:bucket]), self.is_start[:bucket], sentences, final_norm)
-        self.hidden[:bucket].copy_(x)
+        fused.run_blocks(blocks, model.embed(self.tokens[:bucket]), self.is_start[:bucket], sentences, final_norm,
+                         out=self.hidden[:bucket])
 
     def _capture(self, bucket: int, index: int) -> torch.cuda.CUDAGraph:
         """One eager pass first, on a bucket of pads (lazy initialisation must not happen inside a
