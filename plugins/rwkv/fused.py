@@ -42,16 +42,31 @@ def launch_choices(capability: tuple[int, int]) -> dict:
 
 
 @triton.jit
-def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
-    """The residual stream with the pending add: 1 = + att_out, 2 = + sigmoid(r) ⊙ kv (ffn)."""
+def _residual_inputs(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
+    """The loads of ``_residual`` alone, so that a kernel can issue them early (x twice when unused)."""
     x = tl.load(X + offset, mask=mask, other=0.0)
-    if ADD_MODE == 1:
-        x += tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)
+    add0, add1 = x, x
+    if ADD_MODE >= 1:
+        add0 = tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)
     if ADD_MODE == 2:
-        r = _bf16(tl.sigmoid(tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)))
-        kv = tl.load(ADD1 + offset, mask=mask, other=0.0)
-        x += _bf16(r.to(tl.float32) * kv.to(tl.float32)).to(tl.float32)
+        add1 = tl.load(ADD1 + offset, mask=mask, other=0.0).to(tl.float32)
+    return x, add0, add1
+
+
+@triton.jit
+def _residual_sum(x, add0, add1, ADD_MODE: tl.constexpr):
+    """The residual stream with the pending add: 1 = + att_out, 2 = + sigmoid(r) ⊙ kv (ffn)."""
+    if ADD_MODE == 1:
+        x += add0
+    if ADD_MODE == 2:
+        x += _bf16(_bf16(tl.sigmoid(add0)).to(tl.float32) * add1).to(tl.float32)
     return x
+
+
+@triton.jit
+def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
+    x, add0, add1 = _residual_inputs(X, ADD0, ADD1, offset, mask, ADD_MODE)
+    return _residual_sum(x, add0, add1, ADD_MODE)
 
 
 _EXACT_ROUNDING = tl.constexpr(INTERPRETED)  # Triton 3.6's interpreter truncates float32 → bfloat16
@@ -82,34 +97,43 @@ def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T
                   C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, ADD_MODE: tl.constexpr,
                   NUM_MIX: tl.constexpr, WRITE_STATS: tl.constexpr):
     """``ROWS`` consecutive tokens: x (+ pending add) → X_OUT; ln(x); lerp toward the previous
-    token's ln, which the loop carries (only the first row's predecessor is computed twice)."""
+    token's ln, which the loop carries (only the first row's predecessor is computed twice). Each
+    row's loads are issued before the previous row's reductions (whose barriers would otherwise
+    hold them back), so their latency overlaps that work."""
     first = tl.program_id(0).to(tl.int64) * ROWS
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
+    before_ok = mask & (first + tl.zeros_like(cols) > 0)  # conditions as vectors: the interpreter needs them so
+    before_x, before_0, before_1 = _residual_inputs(X, ADD0, ADD1, (first - 1) * C + cols, before_ok, ADD_MODE)
+    ok = mask & (first + tl.zeros_like(cols) < T)
+    x, add0, add1 = _residual_inputs(X, ADD0, ADD1, first * C + cols, ok, ADD_MODE)
+    has_prev = tl.load(IS_START + first + tl.zeros_like(cols), mask=ok, other=1) == 0  # a flag, as a vector
     w = tl.load(LN_W + cols, mask=mask, other=0.0)
     b = tl.load(LN_B + cols, mask=mask, other=0.0)
-    before_ok = mask & (first + tl.zeros_like(cols) > 0)  # conditions as vectors: the interpreter needs them so
-    before = _residual(X, ADD0, ADD1, (first - 1) * C + cols, before_ok, ADD_MODE)
-    before_centred, _, before_rstd = _centre(before, mask, C, eps)
+    before_centred, _, before_rstd = _centre(_residual_sum(before_x, before_0, before_1, ADD_MODE), mask, C, eps)
     prev_ln = before_centred * before_rstd * w + b
     plane = T.to(tl.int64) * C
+    last = tl.minimum(first + ROWS, T)
     for i in range(ROWS):
         row = first + i
-        ok = mask & (row + tl.zeros_like(cols) < T)
-        x = _residual(X, ADD0, ADD1, row * C + cols, ok, ADD_MODE)
+        x = _residual_sum(x, add0, add1, ADD_MODE)
+        row_ok, row_has_prev = ok, has_prev
+        ok = mask & (row + 1 + tl.zeros_like(cols) < last)  # the next row's loads, before this row's reductions
+        x_next, add0, add1 = _residual_inputs(X, ADD0, ADD1, (row + 1) * C + cols, ok, ADD_MODE)
+        has_prev = tl.load(IS_START + row + 1 + tl.zeros_like(cols), mask=ok, other=1) == 0
         if ADD_MODE != 0:
-            tl.store(X_OUT + row * C + cols, x, mask=ok)
+            tl.store(X_OUT + row * C + cols, x, mask=row_ok)
         centred, mean, rstd = _centre(x, mask, C, eps)
         xx = centred * rstd * w + b
         if WRITE_STATS:
             pair = tl.arange(0, 2)
             tl.store(STATS + row * 2 + pair, tl.where(pair == 0, mean, rstd), mask=row + pair * 0 < T)
-        has_prev = tl.load(IS_START + row + tl.zeros_like(cols), mask=ok, other=1) == 0  # a flag, as a vector
-        sx = tl.where(has_prev, prev_ln, 0.0) - xx
+        sx = tl.where(row_has_prev, prev_ln, 0.0) - xx
         for m in tl.static_range(NUM_MIX):
             maa = tl.load(MAA + m * C + cols, mask=mask, other=0.0)
-            tl.store(MIX + m * plane + row * C + cols, _bf16(xx + sx * maa), mask=ok)
+            tl.store(MIX + m * plane + row * C + cols, _bf16(xx + sx * maa), mask=row_ok)
         prev_ln = xx
+        x = x_next
 
 
 @triton.jit
