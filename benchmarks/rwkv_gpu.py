@@ -395,7 +395,7 @@ def step_tune(args) -> None:
              BT=lerp_rows, BC=lerp_cols, DOT_BF16=False, num_warps=lerp_warps), keep=False)
     scratch = torch.empty(T, C, device="cuda")
 
-    pick("wkv", [{"wkv_block": b, "wkv_warps": w} for b in (16, 32) for w in (1, 2)],
+    pick("wkv", [{"wkv_block": b, "wkv_warps": w} for b in (16, 32, 64) for w in (1, 2)],
          lambda wkv_block, wkv_warps: fused._wkv_steps[(len(ids), H)](
              r, k, v, wd, att.time_decay.view(-1), att.time_faaaa, g, att.ln_x.weight, att.ln_x.bias, y, scratch, cu,
              cu.new_full((1,), len(ids)), torch.zeros(H, dtype=torch.int32, device="cuda"), att.ln_x.eps, H=H, N=N,

@@ -41,6 +41,24 @@ def launch_choices(capability: tuple[int, int]) -> dict:
     return {**table["default"], **table.get(f"sm_{capability[0]}{capability[1]}", {})}
 
 
+_EXACT_ROUNDING = tl.constexpr(INTERPRETED)  # Triton 3.6's interpreter truncates float32 → bfloat16
+_IN_INTERPRETER = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _sigmoid(x):
+    """1 / (1 + 2^(-x·log2 e)) in float32. On the GPU four instructions with the hardware's exp2 and
+    reciprocal (each within 2 ulp, far below the bf16 rounding that follows every use here):
+    ``tl.sigmoid`` spends ~10 (denormal checks, an IEEE-style division). The interpreter has no
+    inline assembly."""
+    if _IN_INTERPRETER:
+        return tl.sigmoid(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
+            "rcp.approx.ftz.f32 $0, t; }", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def _residual_inputs(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
     """The loads of ``_residual`` alone, so that a kernel can issue them early (x twice when unused)."""
@@ -59,7 +77,7 @@ def _residual_sum(x, add0, add1, ADD_MODE: tl.constexpr):
     if ADD_MODE == 1:
         x += add0
     if ADD_MODE == 2:
-        x += _bf16(_bf16(tl.sigmoid(add0)).to(tl.float32) * add1).to(tl.float32)
+        x += _bf16(_bf16(_sigmoid(add0)).to(tl.float32) * add1).to(tl.float32)
     return x
 
 
@@ -69,7 +87,6 @@ def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
     return _residual_sum(x, add0, add1, ADD_MODE)
 
 
-_EXACT_ROUNDING = tl.constexpr(INTERPRETED)  # Triton 3.6's interpreter truncates float32 → bfloat16
 
 
 @triton.jit
@@ -200,7 +217,7 @@ def _norm_gate_store(out, G, Y, offsets, valid, ln_w, ln_b, eps, N: tl.constexpr
     centred = out - mean[:, None]
     rstd = 1.0 / tl.sqrt_rn(tl.sum(centred * centred, axis=1) / N + eps)
     gate = tl.load(G + offsets, mask=valid, other=0.0).to(tl.float32)
-    gate = _bf16(gate * tl.sigmoid(gate)).to(tl.float32)
+    gate = _bf16(gate * _sigmoid(gate)).to(tl.float32)
     tl.store(Y + offsets, _bf16((centred * rstd[:, None] * ln_w + ln_b) * gate), mask=valid)
 
 
