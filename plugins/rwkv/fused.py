@@ -41,7 +41,7 @@ def launch_choices(capability: tuple[int, int]) -> dict:
     return {**table["default"], **table.get(f"sm_{capability[0]}{capability[1]}", {})}
 
 
-_EXACT_ROUNDING = tl.constexpr(INTERPRETED)  # Triton 3.6's interpreter truncates float32 → bfloat16
+# Triton's interpreter truncates float32 → bfloat16 and has no inline assembly: kernels branch on this
 _IN_INTERPRETER = tl.constexpr(INTERPRETED)
 
 
@@ -87,13 +87,11 @@ def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
     return _residual_sum(x, add0, add1, ADD_MODE)
 
 
-
-
 @triton.jit
 def _bf16(x):
     """float32 → bfloat16, rounding to nearest even as PyTorch does: the GPU's own conversion (one
     instruction); in the interpreter (the CPU tests), the same rounding spelled out in bits."""
-    if _EXACT_ROUNDING:
+    if _IN_INTERPRETER:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
