@@ -151,7 +151,7 @@ def step_first_result(args) -> None:
     layer = encoder.resolve_layer(-1)
     from plugins.rwkv import fused
 
-    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._relu_square, fused._residual_out]
+    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._relu_square, fused._key_relu_square, fused._residual_out]
     cached = lambda: sum(len(k.device_caches[0][0]) for k in kernels) if not args.eager else 0  # noqa: E731
     precompiled = cached()
     pooled(encoder, ids, layer)
@@ -410,6 +410,13 @@ def step_tune(args) -> None:
     pick("relu_square", [{"elementwise_block": b, "elementwise_warps": w} for b in (1024, 4096) for w in (4, 8)],
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
              big, big.numel(), BLOCK=elementwise_block, num_warps=elementwise_warps))
+    xk, key_weight = torch.randn(8192, C, device="cuda", dtype=torch.bfloat16), model.blocks[0].ffn.key.weight  # a default pack
+    tiles = [(128, 256, 64, 3, 8, 8), (128, 256, 64, 3, 8, 4), (128, 256, 64, 3, 8, 16), (128, 128, 64, 4, 8, 8),
+             (256, 128, 64, 3, 8, 8), (128, 256, 64, 2, 8, 8)]
+    pick("ffn key + relu² (cuBLAS + relu_square, or one Triton matmul)", [{"key_matmul": "cublas"}] + [
+        dict(key_matmul="triton", key_rows=bm, key_cols=bn, key_depth=bk, key_stages=st, key_warps=w, key_group=g)
+        for bm, bn, bk, st, w, g in tiles],
+         lambda **choice: fused.relu_square_key(xk, key_weight, {**fused.launch_choices((0, 0)), **best, **choice}))
     family = "sm_{}{}".format(*torch.cuda.get_device_capability())
     print(json.dumps({family: best}))
     if args.write:

@@ -161,6 +161,35 @@ def test_relu_square_rounds_like_eager(models):
     assert torch.equal(x, expected)
 
 
+TRITON_KEY = dict(key_matmul="triton", key_rows=32, key_cols=64, key_depth=32, key_group=2, key_stages=2, key_warps=4)
+
+
+def test_key_matmul_with_relu_square_epilogue_rounds_like_cublas_then_relu_square(models):
+    """The Triton key matmul: tiles cut off at both edges (T, F not multiples of them), more tiles than programs."""
+    fast, _ = models
+    weight = fast.blocks[0].ffn.key.weight  # [448, 128]: 7 column tiles of 64
+    x = torch.randn(77, weight.shape[1], generator=torch.Generator().manual_seed(5)).bfloat16().to(DEVICE)
+    launch = {**fused.launch_choices((0, 0)), **TRITON_KEY}
+    key = fused.relu_square_key(x, weight[:440], launch)  # a last column tile of 56
+    expected = torch.relu(x @ weight[:440].t()) ** 2
+    assert key.shape == expected.shape and not key.isnan().any()
+    assert (key != expected).float().mean() < 0.01  # float32 sums in another order: the odd bf16 rounding flip
+    assert relative(key, expected) < 1e-3
+
+
+def test_channel_mix_is_the_same_with_either_key_matmul(models, batch):
+    fast, _ = models
+    tokens, _ = batch
+    mix = torch.randn(2, len(tokens), 128, generator=torch.Generator().manual_seed(6)).bfloat16().to(DEVICE)
+    default = fused.launch_choices((0, 0))
+    assert default["key_matmul"] == "cublas"  # families without a tuned entry keep cuBLAS (no TMA needed)
+    ffn = fast.blocks[1].ffn
+    cublas, triton_key = fused._channel_mix(ffn, mix, default), fused._channel_mix(ffn, mix, {**default, **TRITON_KEY})
+    assert (cublas.mode, triton_key.mode) == (2, 2)
+    assert torch.equal(cublas.add0, triton_key.add0)  # the receptance: cuBLAS either way
+    assert relative(triton_key.add1, cublas.add1) < 2e-3
+
+
 def test_bf16_conversion_rounds_to_nearest_even():
     """The kernels' one rounding helper, on ties and carries into the exponent."""
     import triton
