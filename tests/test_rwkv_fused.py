@@ -184,10 +184,12 @@ def test_channel_mix_is_the_same_with_either_key_matmul(models, batch):
     default = fused.launch_choices((0, 0))
     assert default["key_matmul"] == "cublas"  # families without a tuned entry keep cuBLAS (no TMA needed)
     ffn = fast.blocks[1].ffn
-    cublas, triton_key = fused._channel_mix(ffn, mix, default), fused._channel_mix(ffn, mix, {**default, **TRITON_KEY})
-    assert (cublas.mode, triton_key.mode) == (2, 2)
-    assert torch.equal(cublas.add0, triton_key.add0)  # the receptance: cuBLAS either way
-    assert relative(triton_key.add1, cublas.add1) < 2e-3
+    attention = fused._Pending(1, mix[0])
+    cublas = fused._channel_mix(ffn, mix, attention, default)
+    triton_key = fused._channel_mix(ffn, mix, attention, {**default, **TRITON_KEY})
+    assert (cublas.mode, triton_key.mode) == (2, 2) and cublas.att is triton_key.att is attention.att
+    assert torch.equal(cublas.r, triton_key.r)  # the receptance: cuBLAS either way
+    assert relative(triton_key.kv, cublas.kv) < 2e-3
 
 
 def test_bf16_conversion_rounds_to_nearest_even():

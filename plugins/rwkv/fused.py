@@ -10,9 +10,9 @@ everything between them runs in five kernels (four with that matmul):
     ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
     relu_square    ReLU² of the ffn key, in place (not with key_relu_square)
 
-The ffn's residual add (sigmoid(r) ⊙ kv) is folded into the next block's first kernel, so the
-float32 residual stream is read and written twice per block and no float32 copy of any other
-activation exists. Rounding to bfloat16 happens exactly where the eager model in
+A block's two residual adds (attention's output, the ffn's sigmoid(r) ⊙ kv) are folded into the
+next block's first kernel, so the float32 residual stream is written once per block and no
+float32 copy of any other activation exists. Rounding to bfloat16 happens exactly where the eager model in
 ``plugins.rwkv.model`` rounds (that model is the reference: same weights, same casts), so the two
 agree to float32 reduction order. ``precompile`` compiles every kernel while the weights load
 (Triton's disk cache keeps them); launch choices per GPU family are data in ``launch.json``,
@@ -63,31 +63,33 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _residual_inputs(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
-    """The loads of ``_residual`` alone, so that a kernel can issue them early (x twice when unused)."""
+def _residual_inputs(X, ATT, R, KV, offset, mask, ADD_MODE: tl.constexpr):
+    """The loads of ``_residual`` alone, so that a kernel can issue them early (x again for adds unused)."""
     x = tl.load(X + offset, mask=mask, other=0.0)
-    add0, add1 = x, x
+    att, r, kv = x, x, x
     if ADD_MODE >= 1:
-        add0 = tl.load(ADD0 + offset, mask=mask, other=0.0).to(tl.float32)
+        att = tl.load(ATT + offset, mask=mask, other=0.0).to(tl.float32)
     if ADD_MODE == 2:
-        add1 = tl.load(ADD1 + offset, mask=mask, other=0.0).to(tl.float32)
-    return x, add0, add1
+        r = tl.load(R + offset, mask=mask, other=0.0).to(tl.float32)
+        kv = tl.load(KV + offset, mask=mask, other=0.0).to(tl.float32)
+    return x, att, r, kv
 
 
 @triton.jit
-def _residual_sum(x, add0, add1, ADD_MODE: tl.constexpr):
-    """The residual stream with the pending add: 1 = + att_out, 2 = + sigmoid(r) ⊙ kv (ffn)."""
-    if ADD_MODE == 1:
-        x += add0
+def _residual_sum(x, att, r, kv, ADD_MODE: tl.constexpr):
+    """The residual stream with the pending adds, in the eager model's order: 1 = + att_out;
+    2 = + att_out, then + sigmoid(r) ⊙ kv (the ffn's)."""
+    if ADD_MODE >= 1:
+        x += att
     if ADD_MODE == 2:
-        x += _bf16(_bf16(_sigmoid(add0)).to(tl.float32) * add1).to(tl.float32)
+        x += _bf16(_bf16(_sigmoid(r)).to(tl.float32) * kv).to(tl.float32)
     return x
 
 
 @triton.jit
-def _residual(X, ADD0, ADD1, offset, mask, ADD_MODE: tl.constexpr):
-    x, add0, add1 = _residual_inputs(X, ADD0, ADD1, offset, mask, ADD_MODE)
-    return _residual_sum(x, add0, add1, ADD_MODE)
+def _residual(X, ATT, R, KV, offset, mask, ADD_MODE: tl.constexpr):
+    x, att, r, kv = _residual_inputs(X, ATT, R, KV, offset, mask, ADD_MODE)
+    return _residual_sum(x, att, r, kv, ADD_MODE)
 
 
 @triton.jit
@@ -111,10 +113,10 @@ def _centre(x, mask, C: tl.constexpr, eps):
 
 
 @triton.jit(do_not_specialize=["T"])
-def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T, eps,
+def _ln_shift_mix(X, X_OUT, ATT, R, KV, IS_START, LN_W, LN_B, MAA, MIX, STATS, T, eps,
                   C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, ADD_MODE: tl.constexpr,
-                  NUM_MIX: tl.constexpr, WRITE_STATS: tl.constexpr):
-    """``ROWS`` consecutive tokens: x (+ pending add) → X_OUT; ln(x); lerp toward the previous
+                  WRITE_X: tl.constexpr, NUM_MIX: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """``ROWS`` consecutive tokens: x (+ pending adds) → X_OUT if ``WRITE_X``; ln(x); lerp toward the previous
     token's ln, which the loop carries (only the first row's predecessor is computed twice). Each
     row's loads are issued before the previous row's reductions (whose barriers would otherwise
     hold them back), so their latency overlaps that work."""
@@ -122,24 +124,24 @@ def _ln_shift_mix(X, X_OUT, ADD0, ADD1, IS_START, LN_W, LN_B, MAA, MIX, STATS, T
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     before_ok = mask & (first + tl.zeros_like(cols) > 0)  # conditions as vectors: the interpreter needs them so
-    before_x, before_0, before_1 = _residual_inputs(X, ADD0, ADD1, (first - 1) * C + cols, before_ok, ADD_MODE)
+    before_x, before_att, before_r, before_kv = _residual_inputs(X, ATT, R, KV, (first - 1) * C + cols, before_ok, ADD_MODE)
     ok = mask & (first + tl.zeros_like(cols) < T)
-    x, add0, add1 = _residual_inputs(X, ADD0, ADD1, first * C + cols, ok, ADD_MODE)
+    x, att, r, kv = _residual_inputs(X, ATT, R, KV, first * C + cols, ok, ADD_MODE)
     has_prev = tl.load(IS_START + first + tl.zeros_like(cols), mask=ok, other=1) == 0  # a flag, as a vector
     w = tl.load(LN_W + cols, mask=mask, other=0.0)
     b = tl.load(LN_B + cols, mask=mask, other=0.0)
-    before_centred, _, before_rstd = _centre(_residual_sum(before_x, before_0, before_1, ADD_MODE), mask, C, eps)
+    before_centred, _, before_rstd = _centre(_residual_sum(before_x, before_att, before_r, before_kv, ADD_MODE), mask, C, eps)
     prev_ln = before_centred * before_rstd * w + b
     plane = T.to(tl.int64) * C
     last = tl.minimum(first + ROWS, T)
     for i in range(ROWS):
         row = first + i
-        x = _residual_sum(x, add0, add1, ADD_MODE)
+        x = _residual_sum(x, att, r, kv, ADD_MODE)
         row_ok, row_has_prev = ok, has_prev
         ok = mask & (row + 1 + tl.zeros_like(cols) < last)  # the next row's loads, before this row's reductions
-        x_next, add0, add1 = _residual_inputs(X, ADD0, ADD1, (row + 1) * C + cols, ok, ADD_MODE)
+        x_next, att, r, kv = _residual_inputs(X, ATT, R, KV, (row + 1) * C + cols, ok, ADD_MODE)
         has_prev = tl.load(IS_START + row + 1 + tl.zeros_like(cols), mask=ok, other=1) == 0
-        if ADD_MODE != 0:
+        if WRITE_X:
             tl.store(X_OUT + row * C + cols, x, mask=row_ok)
         centred, mean, rstd = _centre(x, mask, C, eps)
         xx = centred * rstd * w + b
@@ -329,13 +331,13 @@ def _relu_square(X, count, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["T"])
-def _residual_out(X, ADD0, ADD1, LN_W, LN_B, OUT, T, eps, C: tl.constexpr, BLOCK_C: tl.constexpr,
+def _residual_out(X, ATT, R, KV, LN_W, LN_B, OUT, T, eps, C: tl.constexpr, BLOCK_C: tl.constexpr,
                   ADD_MODE: tl.constexpr, NORM: tl.constexpr):
-    """The last pending add, and ``ln_out`` when the last entry of hidden_states is asked for."""
+    """The last pending adds, and ``ln_out`` when the last entry of hidden_states is asked for."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = _residual(X, ADD0, ADD1, row * C + cols, mask, ADD_MODE)
+    x = _residual(X, ATT, R, KV, row * C + cols, mask, ADD_MODE)
     if NORM:
         centred, _, rstd = _centre(x, mask, C, eps)
         x = centred * rstd * tl.load(LN_W + cols, mask=mask, other=0.0) + tl.load(LN_B + cols, mask=mask, other=0.0)
@@ -343,26 +345,30 @@ def _residual_out(X, ADD0, ADD1, LN_W, LN_B, OUT, T, eps, C: tl.constexpr, BLOCK
 
 
 class _Pending:
-    """A residual add not yet applied: kernels downstream apply it while reading x."""
+    """Residual adds not yet applied: kernels downstream apply them while reading x. Mode 1: the
+    attention's output; mode 2: that, then the ffn's sigmoid(r) ⊙ kv."""
 
-    def __init__(self, mode: int = 0, add0: torch.Tensor | None = None, add1: torch.Tensor | None = None):
-        self.mode, self.add0, self.add1 = mode, add0, add1
+    def __init__(self, mode: int = 0, att: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                 kv: torch.Tensor | None = None):
+        self.mode, self.att, self.r, self.kv = mode, att, r, kv
 
     def args(self, x):
-        return (self.add0 if self.add0 is not None else x), (self.add1 if self.add1 is not None else x)
+        return tuple(add if add is not None else x for add in (self.att, self.r, self.kv))
 
 
-def _ln_shift_lerp(x, pending, is_start, norm, maa, launch, stats=None):
-    """(x with the pending add, bf16 mixes [len(maa), T, C]); ``stats`` [T, 2] filled when given."""
+def _ln_shift_lerp(x, pending, is_start, norm, maa, launch, stats=None, store_x=True):
+    """(x with the pending adds, bf16 mixes [len(maa), T, C]); ``stats`` [T, 2] filled when given.
+    With ``store_x`` false the sum is only used, not stored: x is returned as it came, ``pending``
+    still to apply."""
     T, C = x.shape
-    x_out = torch.empty_like(x) if pending.mode else x
+    write_x = store_x and pending.mode != 0
+    x_out = torch.empty_like(x) if write_x else x
     mix = torch.empty(maa.shape[0], T, C, dtype=torch.bfloat16, device=x.device)
-    add0, add1 = pending.args(x)
     rows = launch["row_block"]
-    _ln_shift_mix[(triton.cdiv(T, rows),)](x, x_out, add0, add1, is_start, norm.weight, norm.bias, maa, mix,
+    _ln_shift_mix[(triton.cdiv(T, rows),)](x, x_out, *pending.args(x), is_start, norm.weight, norm.bias, maa, mix,
                                            stats if stats is not None else x, T, norm.eps, C=C,
                                            BLOCK_C=triton.next_power_of_2(C), ROWS=rows, ADD_MODE=pending.mode,
-                                           NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
+                                           WRITE_X=write_x, NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
                                            num_warps=launch["row_warps"])
     return x_out, mix
 
@@ -425,11 +431,12 @@ def _time_mix(att, x, mix_x, stats, norm, is_start, sentences, queue, launch):
     return _Pending(1, y @ att.output.weight.t())
 
 
-def _channel_mix(ffn, mix, launch):
-    """ffn(ln2(x)) as the pending add sigmoid(r) ⊙ kv, from the mixes [2, T, C] (k, r) of ln2(x)."""
+def _channel_mix(ffn, mix, attention: _Pending, launch):
+    """The block's pending adds: ``attention``'s output, then ffn(ln2(x)) = sigmoid(r) ⊙ kv, from the
+    mixes [2, T, C] (k, r) of ln2(x + attention's output)."""
     xk, xr = mix.unbind(0)
     key = relu_square_key(xk, ffn.key.weight, launch)
-    return _Pending(2, xr @ ffn.receptance.weight.t(), key @ ffn.value.weight.t())
+    return _Pending(2, attention.att, xr @ ffn.receptance.weight.t(), key @ ffn.value.weight.t())
 
 
 def relu_square_key(x: torch.Tensor, weight: torch.Tensor, launch: dict) -> torch.Tensor:
@@ -481,23 +488,24 @@ def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torc
     T, C = x.shape
     pending = _Pending()
     for block, queue in zip(blocks, queues):
-        # Each sub-block's first kernel applies the pending add; the old x and the add are then
-        # dropped (del), so their memory serves the sub-block instead of adding to its peak.
+        # A block's first kernel applies the previous block's adds (attention's and ffn's) and stores
+        # the residual stream: once per block. The old x and the adds are then dropped (del), so
+        # their memory serves the block instead of adding to its peak. ln2 uses x + att_out
+        # without storing it (a float32 [T, C] write and read fewer per block).
         stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
         x, mix_x = _ln_shift_lerp(x, pending, is_start, block.ln1, block.att.time_maa_x.view(1, C), launch, stats)
         del pending
-        pending = _time_mix(block.att, x, mix_x, stats, block.ln1, is_start, sentences, queue, launch)
+        attention = _time_mix(block.att, x, mix_x, stats, block.ln1, is_start, sentences, queue, launch)
         del mix_x, stats
-        x, mix = _ln_shift_lerp(x, pending, is_start, block.ln2, _stacked(block.ffn, ("time_maa_k", "time_maa_r")), launch)
-        del pending
-        pending = _channel_mix(block.ffn, mix, launch)
-        del mix
+        _, mix = _ln_shift_lerp(x, attention, is_start, block.ln2, _stacked(block.ffn, ("time_maa_k", "time_maa_r")),
+                                launch, store_x=False)
+        pending = _channel_mix(block.ffn, mix, attention, launch)
+        del mix, attention
     if not pending.mode and final_norm is None:
         return x if out is None else out.copy_(x)
     out = torch.empty_like(x) if out is None else out
-    add0, add1 = pending.args(x)
     norm = final_norm if final_norm is not None else blocks[-1].ln1  # unused when NORM is false
-    _residual_out[(T,)](x, add0, add1, norm.weight, norm.bias, out, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
+    _residual_out[(T,)](x, *pending.args(x), norm.weight, norm.bias, out, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
                         ADD_MODE=pending.mode, NORM=final_norm is not None, num_warps=launch["row_warps"])
     return out
 
@@ -512,11 +520,13 @@ def _specializations(config, launch: dict, device: torch.device) -> list[tuple]:
     row = dict(C=C, BLOCK_C=triton.next_power_of_2(C), num_warps=launch["row_warps"])
     eps, T = 1e-5, 4096
     specs = []
-    for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):  # block 0, later blocks: ln1 + mix x
-        specs.append((_ln_shift_mix, (f32, f32, add0, add1, u8, f32, f32, f32, bf16, f32, T, eps),
-                      dict(row, ROWS=launch["row_block"], ADD_MODE=add_mode, NUM_MIX=1, WRITE_STATS=True)))
-    specs.append((_ln_shift_mix, (f32, f32, bf16, f32, u8, f32, f32, f32, bf16, f32, T, eps),  # ln2 + mixes k, r
-                  dict(row, ROWS=launch["row_block"], ADD_MODE=1, NUM_MIX=2, WRITE_STATS=False)))
+    adds = {0: (f32, f32, f32), 1: (bf16, f32, f32), 2: (bf16, bf16, bf16)}  # (att, r, kv) by mode; x when unused
+    for add_mode in (0, 2):  # block 0, later blocks: ln1 + mix x
+        specs.append((_ln_shift_mix, (f32, f32, *adds[add_mode], u8, f32, f32, f32, bf16, f32, T, eps),
+                      dict(row, ROWS=launch["row_block"], ADD_MODE=add_mode, WRITE_X=add_mode != 0, NUM_MIX=1,
+                           WRITE_STATS=True)))
+    specs.append((_ln_shift_mix, (f32, f32, *adds[1], u8, f32, f32, f32, bf16, f32, T, eps),  # ln2 + mixes k, r
+                  dict(row, ROWS=launch["row_block"], ADD_MODE=1, WRITE_X=False, NUM_MIX=2, WRITE_STATS=False)))
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
@@ -531,9 +541,9 @@ def _specializations(config, launch: dict, device: torch.device) -> list[tuple]:
         specs.append((_key_relu_square, (*descriptors, T, config.ffn_size, C),
                       dict(BM=bm, BN=bn, BK=bk, GROUP_M=launch["key_group"], DOT_BF16=not INTERPRETED,
                            num_stages=launch["key_stages"], num_warps=launch["key_warps"])))
-    for add_mode, (add0, add1) in ((0, (f32, f32)), (2, (bf16, bf16))):
+    for add_mode in (0, 2):
         for norm in (False, True):
-            specs.append((_residual_out, (f32, add0, add1, f32, f32, f32, T, eps), dict(row, ADD_MODE=add_mode, NORM=norm)))
+            specs.append((_residual_out, (f32, *adds[add_mode], f32, f32, f32, T, eps), dict(row, ADD_MODE=add_mode, NORM=norm)))
     return specs
 
 
