@@ -1,19 +1,19 @@
 """RWKV-6 blocks on CUDA with the elementwise work between matmuls fused into Triton kernels.
 
-Per block the matmuls stay in cuBLAS (bf16), but for the ffn key's on GPU families whose launch
-table says so (sm_90: a Triton matmul with ReLU² as its epilogue, ``key_relu_square``);
-everything between them runs in five kernels (four with that matmul):
+Per block the matmuls run in cuBLAS (bf16), all but the ffn key's where the GPU family's launch
+table says so (sm_90): that one is a Triton matmul with ReLU² as its epilogue (``key_relu_square``).
+Everything between them runs in five kernels (four with that matmul):
 
-    ln_shift_mix   residual add of the previous sub-block, layer norm, token shift, lerp(s) → bf16 (rows in a loop)
+    ln_shift_mix   the previous block's residual adds (stored), layer norm, token shift, lerp → bf16 (rows in a loop)
     lerp5          the five data-dependent mixes (the rank-32 LoRA as a small tl.dot; its tanh once per token)
     wkv_steps      WKV recurrence + decay exp(-exp(w)), then group norm + silu gate → bf16
-    ln_shift_mix   (ffn) residual add of the attention output, layer norm, token shift, two lerps
+    ln_shift_mix   (ffn) x + the attention output (used, not stored), layer norm, token shift, two lerps
     relu_square    ReLU² of the ffn key, in place (not with key_relu_square)
 
 A block's two residual adds (attention's output, the ffn's sigmoid(r) ⊙ kv) are folded into the
 next block's first kernel, so the float32 residual stream is written once per block and no
-float32 copy of any other activation exists. Rounding to bfloat16 happens exactly where the eager model in
-``plugins.rwkv.model`` rounds (that model is the reference: same weights, same casts), so the two
+float32 copy of any other activation exists. Rounding to bfloat16 happens exactly where the eager
+model in ``plugins.rwkv.model`` rounds (that model is the reference: same weights, same casts), so the two
 agree to float32 reduction order. ``precompile`` compiles every kernel while the weights load
 (Triton's disk cache keeps them); launch choices per GPU family are data in ``launch.json``,
 never tuned on a user's call.
