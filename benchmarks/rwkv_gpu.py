@@ -411,8 +411,8 @@ def step_tune(args) -> None:
          lambda elementwise_block, elementwise_warps: fused._relu_square[(triton.cdiv(big.numel(), elementwise_block),)](
              big, big.numel(), BLOCK=elementwise_block, num_warps=elementwise_warps))
     xk, key_weight = torch.randn(8192, C, device="cuda", dtype=torch.bfloat16), model.blocks[0].ffn.key.weight  # a default pack
-    tiles = [(128, 256, 64, 3, 8, 8), (128, 256, 64, 3, 8, 4), (128, 256, 64, 3, 8, 16), (128, 128, 64, 4, 8, 8),
-             (256, 128, 64, 3, 8, 8), (128, 256, 64, 2, 8, 8)]
+    tiles = [(128, 256, 64, 4, 8, 8), (128, 256, 64, 3, 8, 8), (128, 256, 64, 4, 8, 16), (128, 128, 64, 4, 8, 8),
+             (256, 128, 64, 4, 8, 8)]
     pick("ffn key + relu² (cuBLAS + relu_square, or one Triton matmul)", [{"key_matmul": "cublas"}] + [
         dict(key_matmul="triton", key_rows=bm, key_cols=bn, key_depth=bk, key_stages=st, key_warps=w, key_group=g)
         for bm, bn, bk, st, w, g in tiles],
