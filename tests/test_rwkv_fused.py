@@ -175,6 +175,9 @@ def test_key_matmul_with_relu_square_epilogue_rounds_like_cublas_then_relu_squar
     assert key.shape == expected.shape and not key.isnan().any()
     assert (key != expected).float().mean() < 0.01  # float32 sums in another order: the odd bf16 rounding flip
     assert relative(key, expected) < 1e-3
+    rows_of_130 = torch.zeros(77, 130, dtype=torch.bfloat16, device=DEVICE)[:, :128]  # 260-byte rows: no TMA
+    rows_of_130.copy_(x)
+    assert torch.equal(fused.relu_square_key(rows_of_130, weight[:440], launch), expected)  # cuBLAS + relu_square
 
 
 def test_channel_mix_is_the_same_with_either_key_matmul(models, batch):
@@ -248,4 +251,3 @@ def test_attention_projections_are_one_tensor_without_a_copy(models):
         linear.weight.data = buffer[64 + i * before[0].numel():][: before[0].numel()].view(before[0].shape)
     view = fused._projections(block)
     assert view.data_ptr() == buffer[64:].data_ptr() and torch.equal(view[2], block.receptance.weight)
-
