@@ -91,12 +91,17 @@ def load_encoder(path, device, **options):
 
 
 def pooled(encoder, ids, layer) -> torch.Tensor:
-    """Mean-pooled vectors on the host: what a job needs before it can score a pair."""
+    """Mean-pooled vectors on the host: what a job needs before it can score a pair, made as the
+    job's ``framework.run.embed`` makes them (the result allocated once the first batch is in, so
+    that the host's allocation overlaps the GPU's first pack)."""
     from plugins.pooling import MeanPooler
 
-    vectors = torch.zeros(len(ids), SHAPE["hidden"])
+    vectors = None
     for batch in encoder.encode_tokens(ids, layer):
-        vectors[batch.sentence_index] = MeanPooler().pool(batch).float().cpu()
+        vector = MeanPooler().pool(batch).float().cpu()
+        if vectors is None:
+            vectors = torch.zeros(len(ids), vector.shape[1])
+        vectors[batch.sentence_index] = vector
     return vectors
 
 

@@ -139,6 +139,20 @@ def test_token_ids_above_the_vocabulary_are_an_error(tiny_pth):
         list(encoder.encode(["hello world"], encoder.resolve_layer(1)))
 
 
+def test_token_ids_outside_the_vocabulary_are_caught_in_any_pack_before_the_model_sees_them(tiny_pth):
+    """Ids are checked pack by pack: a bad id in a later pack is still an error, raised before that pack runs."""
+    encoder = encoder_for(tiny_pth, batch_tokens=4)
+    layer = encoder.resolve_layer(1)
+    ran = []
+    forward = encoder.model.hidden_state
+    encoder.model.hidden_state = lambda tokens, *args: ran.append(tokens.tolist()) or forward(tokens, *args)
+    for bad, message in ((512, "vocabulary has 512"), (-3, "token id -3 is negative")):
+        ran.clear()
+        with pytest.raises(LayerprobeError, match=message):
+            list(encoder.encode_tokens([[1, 2, 3], [4, 5, 6], [7, bad, 8]], layer))
+        assert ran and all(bad not in tokens for tokens in ran)
+
+
 TOKENIZER_SENTENCES = [
     "Hello, world!", "The quick brown fox jumps over the lazy dog.", "  leading and trailing  ",
     "tabs\tand\nnewlines\r\n", "", " ", "中文句子，包含标点。", "日本語のテキスト", "한국어 문장",

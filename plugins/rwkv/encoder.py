@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import warnings
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -104,11 +105,6 @@ class RWKVEncoder:
         """Token states of already-tokenised sentences (what ``encode`` does after tokenising)."""
         model, device = self.model, self.device
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        vocab = model.config.vocab_size
-        too_big = max((max(t) for t in ids if t), default=-1)
-        if too_big >= vocab:
-            raise LayerprobeError(f"the world tokenizer gave token id {too_big} but the checkpoint's vocabulary has {vocab}; "
-                                  "use a checkpoint with the 65536-token RWKV world vocabulary")
         empty = np.flatnonzero(lengths == 0)
         counts = Counter(tokens=int(lengths.sum()), empty_sentences=len(empty))
         if len(empty):  # nothing to run the model on: one zero state each, counted
@@ -173,7 +169,7 @@ class RWKVEncoder:
         """Queue one pack's forward; nothing here waits for the GPU (inputs go through pinned memory,
         and the scatter into padded rows uses positions computed on the host)."""
         pack_lengths = torch.from_numpy(lengths[pack])
-        tokens = np.concatenate([np.asarray(ids[i], dtype=np.int64) for i in pack])
+        tokens = self._pack_tokens(pack, ids, lengths)
         graphs = self._pack_graphs(device)
         if graphs is not None and graphs.fits(len(tokens)):
             hidden = graphs.hidden_state(tokens, lengths[pack], index)
@@ -187,6 +183,19 @@ class RWKVEncoder:
         states = hidden.new_zeros(len(pack), width, hidden.shape[1])
         states.view(-1, hidden.shape[1]).index_copy_(0, _to(positions, device), hidden)
         return states, _to(mask, device)
+
+    def _pack_tokens(self, pack, ids, lengths) -> np.ndarray:
+        """The pack's token ids back to back, checked against the vocabulary before the model sees
+        them (an id past the embedding would be a device-side fault on CUDA). Checked per pack, not
+        over all sentences first: the host's work before the GPU starts is then one pack's."""
+        tokens = np.fromiter(itertools.chain.from_iterable(ids[i] for i in pack), dtype=np.int64, count=int(lengths[pack].sum()))
+        vocab = self.model.config.vocab_size
+        if len(tokens) and tokens.max() >= vocab:
+            raise LayerprobeError(f"the world tokenizer gave token id {tokens.max()} but the checkpoint's vocabulary has {vocab}; "
+                                  "use a checkpoint with the 65536-token RWKV world vocabulary")
+        if len(tokens) and tokens.min() < 0:
+            raise LayerprobeError(f"token id {tokens.min()} is negative; token ids index the checkpoint's {vocab}-token vocabulary")
+        return tokens
 
     def _budget(self, device) -> int:
         """Tokens per pack: ``batch_tokens``, else 8192 on CUDA (the 1B6 model's activations within 1 GiB), 4096 on CPU."""
