@@ -301,9 +301,8 @@ def _key_relu_square(X, W, OUT, T, F, C, BM: tl.constexpr, BN: tl.constexpr, BK:
     """The ffn key with its ReLU² as the matmul's epilogue: relu(bf16(x @ wᵀ))² → bf16 [T, F], the
     rounding of cuBLAS then ``_relu_square``. Saves that kernel's pass over the [T, F] key (H100,
     8192 × 2048 → 7168: cuBLAS + ``_relu_square`` 419 µs, a kernel like this one 332 µs on the same
-    machine). Persistent: the
-    programs walk [BM, BN] tiles, ``GROUP_M`` tile rows at a time so that a weight tile is reused
-    from L2; the operands arrive by TMA (``X``, ``W``, ``OUT`` are tensor descriptors, OUT's block
+    machine). Persistent: the programs walk [BM, BN] tiles, ``GROUP_M`` tile rows at a time so that
+    a weight tile is reused from L2; the operands arrive by TMA (``X``, ``W``, ``OUT`` are tensor descriptors, OUT's block
     [BM, BN / 2]). The tile loop is flattened into the depth loop, so the next tile's loads are in
     flight during a tile's epilogue, which stores two halves (less shared memory: room for a 4th
     pipeline stage); with both, 341 → 322 µs on another H100."""
