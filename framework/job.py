@@ -92,8 +92,18 @@ def evaluate_tracked(tracker, job: JobInfo, evaluate_job):
 
 
 def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
+    """End the job with the tracker, and write its result to the sweep folder.
+
+    A tracker that fails to record the end (a server gone, a full disk) leaves no finished run to
+    read back or resume from, so the sweep folder gets FAILED with why, not the computed result:
+    the summary and the exit code then say what the tracker holds, and resume=true reruns it.
+    """
     try:
         tracker.end_job(job, result, evaluation)
+    except Exception as error:
+        if result.status == "FINISHED":
+            result = failed_result(job, "FAILED", f"the tracker could not record this job's end ({type(error).__name__}: {error})")
+        raise
     finally:
         if job.sweep is not None:
             job.sweep.write_result(result)

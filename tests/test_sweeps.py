@@ -69,6 +69,21 @@ def test_a_tracker_that_cannot_record_the_sweep_stops_it_before_any_job(run_cli,
     assert not events_file.exists()  # no job started
 
 
+def test_a_job_whose_end_the_tracker_cannot_record_is_failed_in_the_sweep(run_cli, tiny_mrpc, tiny_vectors, testkit_env, tmp_path):
+    events_file = tmp_path / "events.jsonl"
+    result = run_cli("-m", "tracking=recorder", f"tracking.path={events_file}", "tracking.fail_end_of_job=1",
+                     "pooler=mean,max,last", *tiny_args(tiny_mrpc, tiny_vectors), env=testkit_env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "layerprobe: 1 job(s) of this sweep did not finish; their runs carry the error" in result.error_lines
+    events = [json.loads(line) for line in events_file.read_text().splitlines()]
+    assert sorted(e["job"] for e in events if e["event"] == "end_job") == [0, 2]  # job 1's end never reached the tracker
+    end = events[-1]
+    assert end["event"] == "end_sweep" and end["status"] == "FAILED" and end["jobs"] == 3
+    failed = [line for line in end["summary"].splitlines() if "FAILED" in line]
+    assert len(failed) == 1 and "the tracker could not record this job's end (ConnectionError" in failed[0]
+    assert end["summary"].count("| FINISHED |") == 2
+
+
 def test_plugin_metric_and_a_dataset_without_split_or_limit_reach_summary_plot_and_report(run_cli, testkit_env, tmp_path):
     from framework.report import build_report
 
@@ -166,7 +181,8 @@ def assert_sweeps_complete(processes, result: CliResult, sweeps: int, jobs: int)
     client = result.client()
     for parent in parents:
         children = result.children(parent)
-        assert len(children) == jobs and all(r.info.status == "FINISHED" for r in children)
+        assert len(children) == jobs and all(r.info.status == "FINISHED" for r in children), \
+            [(r.info.status, r.data.tags.get("error", "")) for r in children]
         for child in children:
             assert "spearman" in child.data.metrics
             assert "scores.csv" in {f.path for f in client.list_artifacts(child.info.run_id)}
@@ -350,6 +366,55 @@ def test_kill_9_then_resume_reruns_only_the_missing_configs(tmp_path, tiny_mrpc,
     summary = (Path(parent.info.artifact_uri.removeprefix("file://")) / "summary.md").read_text()
     assert summary.count("| glove |") == 4 and summary.count("FINISHED (reused)") == 2
     assert parent.data.tags["reused_jobs"] == "2"
+
+
+def test_stale_recovery_leaves_a_run_its_process_ended_after_the_search(tmp_path, monkeypatch):
+    """Sweeps started together: one sweep's search still sees another's job RUNNING, which then ends
+    FINISHED and its process exits before the liveness check. That run must stay FINISHED."""
+    import plugins.mlflow.tracker as tracker_module
+    from framework.sweep import process_identity
+    from plugins.mlflow.store import MLflowOptions
+
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = process_identity(exited.pid)
+    exited.wait()
+    tracker = tracker_module.MLflowTracker(MLflowOptions(dir=str(tmp_path / "mlruns"), system_metrics=False))
+    client = tracker.client
+    ended_meanwhile, left_running = (client.create_run(tracker.experiment_id, run_name=name, tags={tracker_module.TAG_PROCESS: gone})
+                                     for name in ("ended meanwhile", "left running"))
+    real_check = tracker_module.process_is_alive
+
+    def owner_ends_its_run_then_exits(process):
+        if client.get_run(ended_meanwhile.info.run_id).info.status == "RUNNING":
+            client.set_terminated(ended_meanwhile.info.run_id, "FINISHED")
+        return real_check(process)
+
+    monkeypatch.setattr(tracker_module, "process_is_alive", owner_ends_its_run_then_exits)
+    assert tracker.recover_stale() == 1
+    ended, stale = (client.get_run(r.info.run_id) for r in (ended_meanwhile, left_running))
+    assert ended.info.status == "FINISHED" and "error" not in ended.data.tags
+    assert stale.info.status == "KILLED" and "stale" in stale.data.tags["error"]
+
+
+def test_the_sweeps_end_fails_a_job_run_whose_end_went_unrecorded_and_kills_the_interrupted_one(tmp_path, capsys):
+    import plugins.mlflow.tracker as tracker_module
+    from framework.results import JobResult
+    from framework.sweep import SweepInfo, process_identity
+    from plugins.mlflow.store import MLflowOptions
+
+    tracker = tracker_module.MLflowTracker(MLflowOptions(dir=str(tmp_path / "mlruns"), system_metrics=False))
+    sweep = SweepInfo("s1", str(tmp_path / "sweep"), ["pooler=mean,max"], time.time(), "", os.getpid(), process_identity())
+    sweep.trackers["mlflow"] = tracker.start_sweep(sweep)
+    client, parent = tracker.client, sweep.trackers["mlflow"]["parent_run_id"]
+    runs = [client.create_run(tracker.experiment_id, run_name=f"job {job}",
+                              tags={tracker_module.PARENT: parent, tracker_module.TAG_JOB: str(job)}) for job in (0, 1)]
+    unrecorded = "the tracker could not record this job's end (ConnectionError: gone)"
+    results = [JobResult("FAILED", "h0", {}, {}, job=0, error=unrecorded)]  # job 1 never wrote a result: interrupted
+    tracker.end_sweep(sweep, results, {}, "FAILED")
+    failed, killed = (client.get_run(r.info.run_id) for r in runs)
+    assert (failed.info.status, failed.data.tags["error"]) == ("FAILED", unrecorded)
+    assert killed.info.status == "KILLED" and "still running" in killed.data.tags["error"]
+    assert client.get_run(parent).info.status == "FAILED"
 
 
 def test_resume_skips_a_finished_single_job(run_cli, tiny_mrpc, tiny_vectors):

@@ -62,9 +62,13 @@ class MLflowTracker:
         client = self.client
         for path in files.values():
             client.log_artifact(parent, str(path))
+        failed = {str(r.job): r for r in results if r.status == "FAILED" and r.job is not None}
         for run in self._search(f"tags.`{PARENT}` = '{parent}' and attributes.status = 'RUNNING'"):
-            client.set_tag(run.info.run_id, "error", "the sweep ended while this job was still running (interrupted or killed)")
-            client.set_terminated(run.info.run_id, "KILLED")
+            # A job whose end could not be recorded (its result says why), else one interrupted or killed.
+            result = failed.get(run.data.tags.get(TAG_JOB, ""))
+            error = result.error if result else "the sweep ended while this job was still running (interrupted or killed)"
+            client.set_tag(run.info.run_id, "error", error[:4000])
+            client.set_terminated(run.info.run_id, "FAILED" if result else "KILLED")
         self._save_view(parent)
         for key, value in {"jobs": len(results), "failed_jobs": sum(r.status == "FAILED" for r in results),
                            "killed_jobs": sum(r.status == "KILLED" for r in results),
@@ -205,13 +209,22 @@ class MLflowTracker:
         return result_of_run(found[0], self.client, with_scores=True) if found else None
 
     def recover_stale(self) -> int:
+        """End as KILLED the runs whose process is gone but which are still RUNNING.
+
+        The search is a snapshot: a run's process may end the run and exit between the search and
+        the liveness check (sweeps started together). A gone process ends nothing more, so the run
+        is read again after the check, and only a run still RUNNING then is stale.
+        """
         stale = 0
         for run in self._search("attributes.status = 'RUNNING'"):
             process = run.data.tags.get(TAG_PROCESS)
-            if process and process_is_alive(process) is False:
-                self.client.set_tag(run.info.run_id, "error", f"stale: its process ({process}) ended without ending the run")
-                self.client.set_terminated(run.info.run_id, "KILLED")
-                stale += 1
+            if not process or process_is_alive(process) is not False:
+                continue
+            if self.client.get_run(run.info.run_id).info.status != "RUNNING":
+                continue
+            self.client.set_tag(run.info.run_id, "error", f"stale: its process ({process}) ended without ending the run")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            stale += 1
         return stale
 
     def load_results(self, parent: str | None = None) -> list[JobResult]:

@@ -22,12 +22,14 @@ from framework.hookspecs import hookimpl
 class RecorderOptions:
     path: str = "events.jsonl"
     fail_sweep: bool = False
+    fail_end_of_job: int | None = None  # this job number's end cannot be recorded (as a lost server)
 
 
 class Recorder:
     def __init__(self, options):
         self.path = Path(options.path)
         self.fail_sweep = options.fail_sweep
+        self.fail_end_of_job = options.fail_end_of_job
 
     def _write(self, **event):
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -44,6 +46,8 @@ class Recorder:
                     token=(job.sweep.trackers.get("recorder") or {}).get("token") if job.sweep else None)
 
     def end_job(self, job, result, evaluation):
+        if job.number == self.fail_end_of_job:
+            raise ConnectionError("the recorder's server went away")
         result.run_ref = f"recorded-{job.number}"
         self._write(event="end_job", job=job.number, status=result.status, metrics=sorted(result.metrics),
                     spearman=result.metrics.get("spearman"), has_evaluation=evaluation is not None)
