@@ -393,6 +393,11 @@ def step_tune(args) -> None:
          lambda row_warps, row_block: fused._ln_shift_mix[(triton.cdiv(T, row_block),)](
              x, x_out, bf[0], bf[1], bf[1], is_start, norm.weight, norm.bias, maa5, mixes, stats, T, 1e-5, C=C, BLOCK_C=C,
              ROWS=row_block, ADD_MODE=2, WRITE_X=True, NUM_MIX=1, WRITE_STATS=True, num_warps=row_warps))
+    pick("ln_shift_mix, ffn side (x + attention's output used, not stored; mixes k, r)",
+         [{"ffn_row_warps": w, "ffn_row_block": rows} for w in (4, 8) for rows in (1, 2, 4, 8)],
+         lambda ffn_row_warps, ffn_row_block: fused._ln_shift_mix[(triton.cdiv(T, ffn_row_block),)](
+             x, x, bf[0], x, x, is_start, norm.weight, norm.bias, maa5, mixes, x, T, 1e-5, C=C, BLOCK_C=C,
+             ROWS=ffn_row_block, ADD_MODE=1, WRITE_X=False, NUM_MIX=2, WRITE_STATS=False, num_warps=ffn_row_warps))
     pick("lerp5", [{"lerp_rows": bt, "lerp_cols": bc, "lerp_warps": w} for bt in (16, 32, 64) for bc in (64, 128, 256) for w in (4, 8)],
          lambda lerp_rows, lerp_cols, lerp_warps: fused._lerp5[(triton.cdiv(T, lerp_rows), triton.cdiv(C, lerp_cols))](
              x, stats, is_start, norm.weight, norm.bias, lora, att.time_maa_w2, maa5, mixes, T, C=C, RANK=32,

@@ -97,7 +97,7 @@ def test_lerp_kernels_equal_the_eager_mixes(models, batch):
     launch = {**fused.launch_choices((0, 0)), "row_block": 5}  # T is not a multiple of 5: a short last program
     stats = torch.empty(T, 2, device=DEVICE)
     _, mix_x = fused._ln_shift_lerp(x, fused._Pending(), packed.is_start.view(torch.uint8), norm,
-                                    att.time_maa_x.view(1, C), launch, stats)
+                                    att.time_maa_x.view(1, C), launch["row_block"], launch["row_warps"], stats)
     xx = _layer_norm(norm, x)
     sx = _shift(xx, packed.is_start) - xx
     assert relative(mix_x[0], (xx + sx * att.time_maa_x[0, 0]).bfloat16()) < 1e-3

@@ -361,20 +361,20 @@ class _Pending:
         return tuple(add if add is not None else x for add in (self.att, self.r, self.kv))
 
 
-def _ln_shift_lerp(x, pending, is_start, norm, maa, launch, stats=None, store_x=True):
+def _ln_shift_lerp(x, pending, is_start, norm, maa, rows, warps, stats=None, store_x=True):
     """(x with the pending adds, bf16 mixes [len(maa), T, C]); ``stats`` [T, 2] filled when given.
     With ``store_x`` false the sum is only used, not stored: x is returned as it came, ``pending``
-    still to apply."""
+    still to apply. ``rows`` per program and ``warps`` come from the launch table: the attention's
+    side and the ffn's side are different specialisations, each with its own best choice."""
     T, C = x.shape
     write_x = store_x and pending.mode != 0
     x_out = torch.empty_like(x) if write_x else x
     mix = torch.empty(maa.shape[0], T, C, dtype=torch.bfloat16, device=x.device)
-    rows = launch["row_block"]
     _ln_shift_mix[(triton.cdiv(T, rows),)](x, x_out, *pending.args(x), is_start, norm.weight, norm.bias, maa, mix,
                                            stats if stats is not None else x, T, norm.eps, C=C,
                                            BLOCK_C=triton.next_power_of_2(C), ROWS=rows, ADD_MODE=pending.mode,
                                            WRITE_X=write_x, NUM_MIX=maa.shape[0], WRITE_STATS=stats is not None,
-                                           num_warps=launch["row_warps"])
+                                           num_warps=warps)
     return x_out, mix
 
 
@@ -503,12 +503,13 @@ def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torc
         # their memory serves the block instead of adding to its peak. ln2 uses x + att_out
         # without storing it (a float32 [T, C] write and read fewer per block).
         stats = torch.empty(T, 2, dtype=torch.float32, device=x.device)
-        x, mix_x = _ln_shift_lerp(x, pending, is_start, block.ln1, block.att.time_maa_x.view(1, C), launch, stats)
+        x, mix_x = _ln_shift_lerp(x, pending, is_start, block.ln1, block.att.time_maa_x.view(1, C), launch["row_block"],
+                                  launch["row_warps"], stats)
         del pending
         attention = _time_mix(block.att, x, mix_x, stats, block.ln1, is_start, sentences, queue, launch)
         del mix_x, stats
         _, mix = _ln_shift_lerp(x, attention, is_start, block.ln2, _stacked(block.ffn, ("time_maa_k", "time_maa_r")),
-                                launch, store_x=False)
+                                launch["ffn_row_block"], launch["ffn_row_warps"], store_x=False)
         pending = _channel_mix(block.ffn, mix, attention, launch)
         del mix, attention
     if not pending.mode and final_norm is None:
@@ -536,7 +537,8 @@ def _specializations(config, launch: dict, device: torch.device) -> list[tuple]:
                       dict(row, ROWS=launch["row_block"], ADD_MODE=add_mode, WRITE_X=add_mode != 0, NUM_MIX=1,
                            WRITE_STATS=True)))
     specs.append((_ln_shift_mix, (f32, f32, *adds[1], u8, f32, f32, f32, bf16, f32, T, eps),  # ln2 + mixes k, r
-                  dict(row, ROWS=launch["row_block"], ADD_MODE=1, WRITE_X=False, NUM_MIX=2, WRITE_STATS=False)))
+                  dict(row, ROWS=launch["ffn_row_block"], ADD_MODE=1, WRITE_X=False, NUM_MIX=2, WRITE_STATS=False,
+                       num_warps=launch["ffn_row_warps"])))
     specs.append((_lerp5, (f32, f32, u8, f32, f32, bf16, bf16, f32, bf16, T),
                   dict(C=C, RANK=config.mix_rank, BT=launch["lerp_rows"], BC=launch["lerp_cols"], DOT_BF16=not INTERPRETED,
                        num_warps=launch["lerp_warps"])))
