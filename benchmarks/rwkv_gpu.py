@@ -159,8 +159,7 @@ def step_first_result(args) -> None:
     layer = encoder.resolve_layer(-1)
     from plugins.rwkv import fused
 
-    kernels = [fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._relu_square, fused._key_relu_square, fused._residual_out]
-    cached = lambda: sum(len(k.device_caches[0][0]) for k in kernels) if not args.eager else 0  # noqa: E731
+    cached = lambda: sum(len(k.device_caches[0][0]) for k in fused.KERNELS) if not args.eager else 0  # noqa: E731
     precompiled = cached()
     pooled(encoder, ids, layer)
     first = time.perf_counter()

@@ -58,7 +58,7 @@ def test_precompile_covers_every_kernel_the_blocks_launch(tmp_path):
     torch.save(random_state(3, 256, 896, 65536, seed=2), tmp_path / "small.pth")
     encoder = RWKVEncoder(RWKVOptions(model=str(tmp_path / "small.pth"), device="cuda", progress=False))
     fused.precompile(encoder.model.config, torch.device("cuda"))
-    kernels = (fused._ln_shift_mix, fused._lerp5, fused._wkv_steps, fused._relu_square, fused._key_relu_square, fused._residual_out)
+    kernels = fused.KERNELS
     compiled = [len(k.device_caches[torch.cuda.current_device()][0]) for k in kernels]
     for layer in (0, 1, 3):
         list(encoder.encode(["one sentence", "and another, longer, sentence"], encoder.resolve_layer(layer)))

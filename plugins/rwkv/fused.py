@@ -157,13 +157,19 @@ def _ln_shift_mix(X, X_OUT, ATT, R, KV, IS_START, LN_W, LN_B, MAA, MIX, STATS, T
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_BF16: tl.constexpr):
+    """a @ b (+ acc) of bf16 tiles with float32 accumulation; without ``DOT_BF16`` the same products
+    in tf32 (bf16 values are exact in tf32), for Triton's interpreter, which mishandles bf16 dots."""
+    if DOT_BF16:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+
+
+@triton.jit
 def _mix(MIX, i, plane, offsets, ok, xx, sx, lora, w2, MAA, cols, col_ok, C: tl.constexpr, DOT_BF16: tl.constexpr):
     """One of the five mixes: xx + sx ⊙ (maa_i + bf16(lora_i @ w2_i)) → bf16."""
-    if DOT_BF16:  # the bf16 bmm's product with float32 accumulation
-        m = tl.dot(lora, w2)
-    else:  # the same numbers (bf16 values are exact in tf32); Triton's interpreter mishandles bf16 dots
-        m = tl.dot(lora.to(tl.float32), w2.to(tl.float32), input_precision="tf32")
-    m = _bf16(m).to(tl.float32)
+    m = _bf16(_dot(lora, w2, None, DOT_BF16)).to(tl.float32)  # as the bf16 bmm rounds its product
     maa = tl.load(MAA + i * C + cols, mask=col_ok, other=0.0)[None, :]
     tl.store(MIX + i * plane + offsets, _bf16(xx + sx * (maa + m)), mask=ok)
 
@@ -317,10 +323,7 @@ def _key_relu_square(X, W, OUT, T, F, C, BM: tl.constexpr, BN: tl.constexpr, BK:
         for depth in range(0, C, BK):
             x = X.load([tile_m * BM, depth])
             w = W.load([tile_n * BN, depth])
-            if DOT_BF16:
-                acc = tl.dot(x, w.T, acc)
-            else:  # the same products (bf16 is exact in tf32); Triton's interpreter mishandles bf16 dots
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32).T, acc, input_precision="tf32")
+            acc = _dot(x, w.T, acc, DOT_BF16)
         key = tl.maximum(_bf16(acc).to(tl.float32), 0.0)
         left, right = _bf16(key * key).reshape(BM, 2, BN // 2).permute(0, 2, 1).split()
         OUT.store([tile_m * BM, tile_n * BN], left)
@@ -519,6 +522,9 @@ def run_blocks(blocks, x: torch.Tensor, is_start: torch.Tensor, cu_seqlens: torc
     _residual_out[(T,)](x, *pending.args(x), norm.weight, norm.bias, out, T, norm.eps, C=C, BLOCK_C=triton.next_power_of_2(C),
                         ADD_MODE=pending.mode, NORM=final_norm is not None, num_warps=launch["row_warps"])
     return out
+
+
+KERNELS = (_ln_shift_mix, _lerp5, _wkv_steps, _relu_square, _key_relu_square, _residual_out)  # what run_blocks launches
 
 
 def _specializations(config, launch: dict, device: torch.device) -> list[tuple]:
