@@ -156,10 +156,14 @@ def _interrupt(signum, frame) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
+    from framework.phases import DRIVER
+
     try:
-        plugins = registry()
-        register_plugin_configs(plugins)
-        check_overrides(sys.argv[1:], plugins)
+        with DRIVER.measure("registry"):
+            plugins = registry()
+            register_plugin_configs(plugins)
+        with DRIVER.measure("config_check"):
+            check_overrides(sys.argv[1:], plugins)
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2)

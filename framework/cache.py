@@ -30,6 +30,10 @@ import torch
 from framework.data import Layer, TokenStates
 
 MEMORY_BYTES = 4 * 2**30
+# Writing a float32 state file and reading it back runs at about this rate here: states that were
+# faster to compute than that (a GPU encode) are kept in memory for this process only, so the disk
+# holds what is expensive to recompute, and pooled vectors (small) are always written.
+DISK_BYTES_PER_SECOND = 1e9
 
 
 def timed(batches: Iterable[TokenStates]) -> Iterator[tuple[TokenStates | None, float]]:
@@ -57,6 +61,9 @@ class TokenStateCache:
         self.memory: OrderedDict[str, list[TokenStates]] = OrderedDict()
         self.damaged = 0  # files found unreadable (and recomputed)
         self.cost: dict[str, float] = {}  # key → seconds it took to compute (stored with the states)
+        self.written: set[Path] = set()  # files this process wrote: evicting one means the cache is too small
+        self.evicted_own = 0
+        self.kept_in_memory = 0  # entries not written to disk (cheaper to recompute than to read back)
 
     @staticmethod
     def key(fingerprint: str, layer_index: int | None, sentences: Sequence[str]) -> str:
@@ -98,21 +105,59 @@ class TokenStateCache:
         return batches
 
     def put(self, key: str, batches: list[TokenStates], encode_seconds: float | None = None) -> None:
-        """Keep ``batches`` (and what computing them cost, so a later hit can report it)."""
+        """Keep ``batches`` (and what computing them cost, so a later hit can report it).
+
+        On disk only when computing them took longer than reading them back would: a GPU encode
+        of a train split is faster than a read of its gigabytes of float32 states.
+        """
         self._remember(key, batches)
         if encode_seconds is not None:
             self.cost[key] = encode_seconds
-        path = self._path(key)
+        if encode_seconds is not None and encode_seconds < sum(_size(b) for b in batches) / DISK_BYTES_PER_SECOND:
+            self.kept_in_memory += 1
+            return
+        payload = {"batches": [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches],
+                   "encode_seconds": encode_seconds}
+        self._write(key, payload)
+
+    def _write(self, key: str, payload: dict, prefix: str = "") -> None:
+        path = self._path(prefix + key)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"batches": [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches],
-                   "encode_seconds": encode_seconds}
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
-        torch.save(payload, temporary)
-        os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
+        try:
+            torch.save(payload, temporary)
+            os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        self.written.add(path)
         self._evict()
+
+    # --- pooled vectors and fitted poolers: small entries keyed by what made them -------------------
+
+    def get_entry(self, key: str, prefix: str) -> dict | None:
+        """A stored dict of tensors and numbers (pooled vectors, a fitted pooler), or None."""
+        path = self._path(prefix + key)
+        if path is None or not path.is_file():
+            return None
+        try:  # weights_only: tensors and plain containers only, never code
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(stored, dict):
+                raise ValueError("not a layerprobe cache entry")
+        except Exception as error:
+            self.damaged += 1
+            print(f"layerprobe: warning: cache file {path} is unreadable ({type(error).__name__}: {str(error)[:120]}); "
+                  "recomputing it", file=sys.stderr, flush=True)
+            path.unlink(missing_ok=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return stored
+
+    def put_entry(self, key: str, prefix: str, payload: dict) -> None:
+        self._write(key, payload, prefix)
 
     def computing(self, key: str):
         """A lock held while the states of ``key`` are computed, across processes (no-op in memory only)."""
@@ -142,6 +187,12 @@ class TokenStateCache:
                 break
             total -= sizes[path][1]
             path.unlink(missing_ok=True)
+            if path in self.written:  # this run wrote it: the same sweep, run again, would recompute it
+                self.evicted_own += 1
+                if self.evicted_own == 1:
+                    print(f"layerprobe: warning: the token cache ({self.folder}) is full at cache.max_gb={self.max_bytes / 2**30:g}: "
+                          "it evicts entries this run wrote, so running it again recomputes them; raise cache.max_gb",
+                          file=sys.stderr, flush=True)
 
 
 def _size(batch: TokenStates) -> int:
@@ -212,7 +263,10 @@ class CachedEncoder:
             yield batch
         self.last = {"origin": "continued" if source is not None else "computed", "encode_seconds": earlier + seconds,
                      "read_seconds": 0.0}
+        in_memory = self.cache.kept_in_memory
         self.cache.put(key, kept, earlier + seconds)
+        if self.cache.kept_in_memory > in_memory:
+            self.stats["cache_kept_in_memory"] += 1
 
     def _resumable_source(self, fingerprint: str, layer: Layer, sentences):
         from framework.stages import ResumableEncoder

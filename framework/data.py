@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # tensors flow through here; importing torch is left to the stages that compute
+    import torch
 
 
 LABEL_KINDS = ("binary", "graded")

@@ -78,6 +78,13 @@ def register_metrics(register):
     looks at the embedding space itself (the evaluated split's distinct sentences, as the cosine
     sees them), e.g. anisotropy; no CI. Every metric named in ``metric.names`` shows in summaries,
     plots and reports.
+
+    Optional, for speed (the bootstrap evaluates a metric on 1,000 resamples): ``batched=prepare``
+    where ``prepare(scores, labels)`` returns ``f(counts) -> array[rows]``, the metric of every
+    resample at once (``counts[r, i]``: how often resample r drew pair i; ``framework.bootstrap``
+    has sorted-once ranks and weighted correlations); a calibrated metric may give
+    ``confusion=f(tp, fp, fn, tn) -> array`` instead, used for the threshold search and the
+    resamples. Without them the scalar function is called once per resample (same numbers, slower).
     """
 
 

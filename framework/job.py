@@ -15,9 +15,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from framework.contracts import JobInfo
 from framework.errors import LayerprobeError
+from framework.phases import CLOCK
 from framework.results import JobResult, PairScoreTable, config_hash, flatten, labels_of, run_title, setting_text, swept_keys
-from framework.sweep import JobInfo, current_sweep
+from framework.sweep import current_sweep
 
 
 def run_job(cfg: DictConfig) -> None:
@@ -25,8 +27,9 @@ def run_job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from framework.plugins import registry
-    from framework.run import evaluate, result_line
+    from framework.run import plan, result_line, run_plan
 
+    CLOCK.reset()
     sweep = current_sweep()
     multirun = sweep is not None or _is_multirun()
     number = HydraConfig.get().job.num if multirun else None
@@ -39,20 +42,26 @@ def run_job(cfg: DictConfig) -> None:
         return _fail_before_start(error, multirun)
 
     try:
-        if cfg.get("resume") and _reuse(tracker, job) is not None:
-            return
-        if not multirun:
-            from framework.stages import StaleRecovery
+        with CLOCK.measure("tracking"):
+            if cfg.get("resume") and _reuse(tracker, job) is not None:
+                return
+            if not multirun:
+                from framework.stages import StaleRecovery
 
-            if isinstance(tracker, StaleRecovery):
-                tracker.recover_stale()
-        tracker.start_job(job)
+                if isinstance(tracker, StaleRecovery):
+                    tracker.recover_stale()
+        choose_device(number)
+        with CLOCK.measure("setup"):
+            job_plan = plan(cfg, plugins)  # every option checked before a run exists: bad input leaves no FAILED run
+        with CLOCK.measure("tracking"):
+            tracker.start_job(job)
     except LayerprobeError as error:
+        if job.sweep is not None:
+            job.sweep.write_result(failed_result(job, "FAILED", str(error)))
         return _fail_before_start(error, multirun)
 
-    choose_device(number)
     try:
-        evaluation = evaluate_tracked(tracker, job, lambda: evaluate(cfg, plugins))
+        evaluation = evaluate_tracked(tracker, job, lambda: run_plan(job_plan))
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
         if not multirun:
@@ -99,12 +108,14 @@ def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
     the summary and the exit code then say what the tracker holds, and resume=true reruns it.
     """
     try:
-        tracker.end_job(job, result, evaluation)
+        with CLOCK.measure("tracking"):
+            tracker.end_job(job, result, evaluation)
     except Exception as error:
         if result.status == "FINISHED":
             result = failed_result(job, "FAILED", f"the tracker could not record this job's end ({type(error).__name__}: {error})")
         raise
     finally:
+        result.phases = CLOCK.totals()
         if job.sweep is not None:
             job.sweep.write_result(result)
 

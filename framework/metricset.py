@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
+from framework.bootstrap import confusion_at_thresholds, resample_counts, resample_indices, resampled_confusion
 from framework.data import MetricValue, PairScores, SentenceVectors
 from framework.errors import LayerprobeError
 from framework.plugins import Metric, Registry
@@ -59,10 +60,15 @@ class MetricSet:
 
     def compute(self, evaluated: PairScores, calibration: PairScores | None, seed: int,
                 vectors: SentenceVectors | None = None) -> list[MetricValue]:
-        """Every metric on the evaluated pairs; all resample the same seeded bootstrap indices."""
+        """Every metric on the evaluated pairs; all resample the same seeded bootstrap indices.
+
+        Metrics with a batched form are evaluated on all resamples together, chunk by chunk (one
+        pass over the resamples for all of them); the others on each materialised resample.
+        """
         scores, labels = evaluated.scores, evaluated.pairs.labels
-        samples = np.random.default_rng(seed).integers(0, len(scores), size=(self.resamples, len(scores)))
-        values = []
+        values: list[MetricValue] = []
+        batched: dict[int, object] = {}  # position in values → f(counts)
+        scalar: dict[int, object] = {}  # position in values → f(scores, labels)
         for metric in self.metrics:
             if metric.inputs == "vectors":
                 if vectors is not None:
@@ -72,24 +78,44 @@ class MetricSet:
                 if calibration is None:
                     continue  # no calibration split configured: logged as a note by the caller
                 threshold = best_threshold(metric, calibration.scores, calibration.pairs.labels)
-                value = self._with_ci(metric.name, lambda s, l: metric.function(s, l, threshold), scores, labels, samples)
-                value.extras["threshold"] = threshold
+                value = MetricValue(metric.name, float(metric.function(scores, labels, threshold)), extras={"threshold": threshold})
+                if metric.confusion is not None:
+                    batched[len(values)] = _confusion_of_resamples(metric, scores >= threshold, labels > 0.5)
+                else:
+                    scalar[len(values)] = lambda s, l, metric=metric, t=threshold: metric.function(s, l, t)
             else:
-                value = self._with_ci(metric.name, metric.function, scores, labels, samples)
+                value = MetricValue(metric.name, float(metric.function(scores, labels)))
+                if metric.batched is not None:
+                    batched[len(values)] = metric.batched(scores, labels)
+                else:
+                    scalar[len(values)] = metric.function
             values.append(value)
+        if self.resamples:
+            replicates = {i: [] for i in (*batched, *scalar)}
+            if batched:
+                for counts in resample_counts(len(scores), self.resamples, seed):
+                    for i, of in batched.items():
+                        replicates[i].append(np.asarray(of(counts), dtype=np.float64))
+            if scalar:
+                samples = resample_indices(len(scores), self.resamples, seed)
+                for i, function in scalar.items():
+                    replicates[i].append(np.array([function(scores[s], labels[s]) for s in samples], dtype=np.float64))
+            for i, parts in replicates.items():
+                self._add_ci(values[i], np.concatenate(parts))
         return values
 
-    def _with_ci(self, name, function, scores, labels, samples) -> MetricValue:
-        point = function(scores, labels)
-        if not len(samples):
-            return MetricValue(name, point)
-        replicates = np.array([function(scores[i], labels[i]) for i in samples])
+    def _add_ci(self, value: MetricValue, replicates: np.ndarray) -> None:
+        """Percentile CI of the finite replicates; none for an undefined (NaN) point value."""
         replicates = replicates[np.isfinite(replicates)]
-        if not len(replicates):
-            return MetricValue(name, point)
+        if not len(replicates) or not np.isfinite(value.value):
+            return
         tail = (1 - self.confidence) / 2 * 100
         low, high = np.percentile(replicates, [tail, 100 - tail])
-        return MetricValue(name, point, float(low), float(high))
+        value.ci_low, value.ci_high = float(low), float(high)
+
+
+def _confusion_of_resamples(metric: Metric, predicted: np.ndarray, positive: np.ndarray):
+    return lambda counts: metric.confusion(*resampled_confusion(predicted, positive, counts))
 
 
 def best_threshold(metric: Metric, scores: np.ndarray, labels: np.ndarray) -> float:
@@ -108,5 +134,8 @@ def best_threshold(metric: Metric, scores: np.ndarray, labels: np.ndarray) -> fl
         candidates = candidates[np.isfinite(candidates)]
     if len(candidates) > MAX_THRESHOLD_CANDIDATES:
         candidates = candidates[np.linspace(0, len(candidates) - 1, MAX_THRESHOLD_CANDIDATES).round().astype(int)]
-    values = [metric.function(scores, labels, t) for t in candidates]
+    if metric.confusion is not None:
+        values = metric.confusion(*confusion_at_thresholds(scores, positive, candidates))
+    else:
+        values = [metric.function(scores, labels, t) for t in candidates]
     return float(candidates[int(np.argmax(values))])

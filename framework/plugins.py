@@ -84,6 +84,11 @@ class Metric:
     plugin: str
     inputs: str = "scores"
     labels: str = "any"
+    # Optional array forms for the bootstrap (framework.bootstrap): ``batched(scores, labels)`` returns
+    # ``f(counts) -> values`` for every resample at once; a calibrated metric's ``confusion(tp, fp, fn,
+    # tn) -> values`` computes it from confusion counts (arrays), for threshold search and resamples.
+    batched: Callable | None = None
+    confusion: Callable | None = None
 
 
 class Registry:
@@ -111,14 +116,19 @@ class Registry:
         self.components[kind][name] = Component(kind, name, factory, schema, plugin)
 
     def _add_metric(self, plugin: str, name: str, function: Callable, calibrated: bool = False,
-                    inputs: str = "scores", labels: str = "any") -> None:
+                    inputs: str = "scores", labels: str = "any", batched: Callable | None = None,
+                    confusion: Callable | None = None) -> None:
         if name in self.metrics:
             raise LayerprobeError(f"metric '{name}' is registered twice (by {self.metrics[name].plugin} and {plugin}); uninstall one")
         if inputs not in METRIC_INPUTS or labels not in METRIC_LABELS:
             raise TypeError(f"plugin {plugin}: metric '{name}': inputs must be one of {METRIC_INPUTS}, labels one of {METRIC_LABELS}")
         if calibrated and inputs != "scores":
             raise TypeError(f"plugin {plugin}: metric '{name}': only score metrics can be calibrated")
-        self.metrics[name] = Metric(name, function, calibrated, plugin, inputs, labels)
+        if batched is not None and (calibrated or inputs != "scores"):
+            raise TypeError(f"plugin {plugin}: metric '{name}': batched= is for uncalibrated score metrics (calibrated ones give confusion=)")
+        if confusion is not None and not calibrated:
+            raise TypeError(f"plugin {plugin}: metric '{name}': confusion= is for calibrated metrics")
+        self.metrics[name] = Metric(name, function, calibrated, plugin, inputs, labels, batched, confusion)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.metrics if kind == "metric" else self.components[kind])

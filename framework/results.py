@@ -144,6 +144,7 @@ class JobResult:
     notes: list[str] = field(default_factory=list)
     states: str = ""  # where the token states came from: computed, cache, continued
     scores: PairScoreTable | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # harness seconds by phase (framework.phases)
 
     @property
     def finished(self) -> bool:

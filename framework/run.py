@@ -1,27 +1,35 @@
 """One evaluation, in one direction: dataset → encoder → pooler → post-process → cosine → metrics.
 
-Tracking is not done here: ``evaluate`` returns an ``Evaluation``; ``framework.job`` hands it to
-the configured trackers.
+``plan`` builds every stage and checks every option once, before any work (and, in a job, before
+any tracked run exists); ``run_plan`` is the chain of stages. Tracking is not done here:
+``evaluate`` returns an ``Evaluation``; ``framework.job`` hands it to the configured trackers.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from framework.cache import CachedEncoder, TokenStateCache, timed
-from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
+from framework.contracts import Evaluation
+from framework.data import Layer, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
+from framework.phases import CLOCK
 from framework.plugins import Registry
 from framework.stages import LearnedPooler, cache_token_states, learned_tensors, needs_fit
+
+if TYPE_CHECKING:
+    import torch
+
+POOLED, FITTED = "pooled-", "fitted-"  # cache entry kinds beside token states
 
 
 @dataclass
@@ -31,64 +39,45 @@ class Embedding:
     ``compared`` are the vectors the cosine compares (after any post-processing).
     """
 
-    vectors: torch.Tensor
+    vectors: "torch.Tensor"
     encoder_counts: Counter
     encode_seconds: float
     pool_seconds: float
     sentences: list[str] = field(default_factory=list)
-    compared: torch.Tensor | None = None
+    compared: "torch.Tensor | None" = None
     origin: str = "computed"  # where the token states came from: computed | cache | continued
     read_seconds: float = 0.0  # time spent reading them from the cache
     waited_seconds: float = 0.0  # wall time of the encoder calls (computing, or reading the cache)
+    replayed_seconds: float = 0.0  # production cost not spent now (pooling of vectors read from the cache)
 
 
 @dataclass
-class Evaluation:
-    """Everything a job produced, for the tracker and the result line."""
+class Split:
+    """Which split a stage reads, and how many of its rows."""
 
+    name: str
+    limit: int | None
+    option: str  # the option that chose it, for error messages
+
+
+@dataclass
+class JobPlan:
+    """A job's stages, built, with their options checked: what ``run_plan`` runs."""
+
+    dataset: Any
+    encoder: Any
+    pooler: Any
+    postprocessor: Any | None  # None: nothing to fit or apply
+    metric_set: MetricSet
     layer: Layer
-    scores: PairScores
-    metrics: list[MetricValue]
-    encoder_counts: Counter
-    timings: dict[str, float]
-    calibration: PairSet | None = None
-    training_curve: dict[str, list[float]] = field(default_factory=dict)
-    learned: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    memory: dict[str, float] = field(default_factory=dict)
-    mistakes: list[dict[str, Any]] = field(default_factory=list)
-    states: str = "computed"  # where the evaluated split's token states came from
-
-    @property
-    def pairs(self) -> PairSet:
-        return self.scores.pairs
-
-    def metric(self, name: str) -> MetricValue | None:
-        return next((m for m in self.metrics if m.name == name), None)
-
-    def logged_metrics(self) -> dict[str, float]:
-        """Every number of the job, flat: metrics with CIs and fitted extras, timings, counts, memory."""
-        metrics: dict[str, float] = {"n_pairs": len(self.pairs), **self.timings, **self.memory}
-        for value in self.metrics:
-            metrics[value.name] = value.value
-            if value.ci_low is not None:
-                metrics[f"{value.name}_ci_low"], metrics[f"{value.name}_ci_high"] = value.ci_low, value.ci_high
-            metrics.update({f"{value.name}_{key}": extra for key, extra in value.extras.items()})
-        metrics.update({f"encoder.{key}": count for key, count in self.encoder_counts.items()})
-        return {key: float(value) for key, value in metrics.items()}
-
-    def logged_params(self) -> dict[str, str]:
-        """What the job found out about its input: row accounting, data source, resolved layer."""
-        params = {f"data.{key}": value for key, value in self.pairs.counts().items()}
-        params["data.source"] = self.pairs.source
-        params["data.label_kind"] = self.pairs.label_kind
-        params["states"] = self.states
-        params["layer_index"] = self.layer.label  # "-" for encoders without layers
-        params["block_index"] = "-" if self.layer.block is None else self.layer.block
-        if self.calibration is not None:
-            params["calibration.split"] = self.calibration.split
-            params["calibration.pairs"] = len(self.calibration)
-        return {key: str(value) for key, value in params.items()}
+    split: Split
+    seed: int
+    mistakes: int
+    pooler_train: Split | None  # a pooler that learns: its train split
+    postprocess_train: Split | None
+    postprocess_name: str = "none"
+    pooler_identity: str | None = None  # what the pooled-vector cache keys on; None: do not cache vectors
+    cache: TokenStateCache | None = None
 
 
 def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None = None) -> Evaluation:
@@ -97,77 +86,77 @@ def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | N
     ``components`` may hold objects already built (``dataset``, ``encoder``, ``pooler``): the Python
     API passes a model or pairs held in memory this way; the rest is built from ``cfg``.
     """
+    return run_plan(plan(cfg, registry, components))
+
+
+def plan(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None = None) -> JobPlan:
+    """Every stage built and every option read from ``cfg`` once; one-line errors for bad ones."""
     components = components or {}
     dataset = components.get("dataset") or registry.build("dataset", cfg.dataset)
     encoder = components.get("encoder") or shared_encoder(registry, cfg.encoder)
+    cache = None
     if cfg.get("cache") and cfg.cache.get("enabled", True) and cache_token_states(encoder):
-        encoder = CachedEncoder(encoder, token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8))))
+        cache = token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8)))
+        encoder = CachedEncoder(encoder, cache)
     pooler = components.get("pooler") or registry.build("pooler", cfg.pooler)
+    # Vectors of a pooler given as an object are not cached: nothing says what it computes.
+    pooler_identity = None if "pooler" in components else OmegaConf.to_yaml(cfg.pooler, resolve=True)
     postprocessor = registry.build("postprocessor", cfg.postprocess) if cfg.get("postprocess") else None
     metric_set = MetricSet.from_config(cfg.metric, registry)
-    layer = encoder.resolve_layer(cfg.get("layer"))
-    split = cfg.dataset.get("split", "validation")
-    if not split:
+    split = Split(cfg.dataset.get("split", "validation"), cfg.dataset.get("limit"), "dataset.split")
+    if not split.name:
         raise LayerprobeError("dataset.split is not set; e.g. dataset.split=validation")
-    torch.manual_seed(int(cfg.seed))
-
-    limit = cfg.dataset.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise LayerprobeError(f"dataset.limit={limit} must be a positive number of rows (or null for all)")
-    pairs = dataset.load(split, limit)
-    if not len(pairs):
-        raise LayerprobeError(f"{pairs.dataset}/{split} has no labelled pair to evaluate ({pairs.rows_read} rows read, skipped: {dict(pairs.skipped)})")
-
-    metric_set, notes = metric_set.for_labels(pairs.label_kind)
-    training_curve: dict[str, list[float]] = {}
-    learned: dict[str, Any] = {}
+    if split.limit is not None and (isinstance(split.limit, bool) or not isinstance(split.limit, int) or split.limit < 1):
+        raise LayerprobeError(f"dataset.limit={split.limit} must be a positive number of rows (or null for all)")
+    pooler_train = None
     if isinstance(pooler, LearnedPooler):
-        train_split = cfg.pooler.get("train_split", "train")
-        train = _load_other_split(dataset, train_split, cfg.pooler.get("train_limit"), "pooler.train_split")
-        training_curve = pooler.fit(token_states_of(train, encoder, layer), int(cfg.seed)) or {}
-        learned = learned_tensors(pooler)
+        pooler_train = Split(cfg.pooler.get("train_split", "train"), cfg.pooler.get("train_limit"), "pooler.train_split")
+        _check_split(dataset, pooler_train)
+    postprocess_train = None
     if postprocessor is not None and needs_fit(postprocessor):
-        option = "postprocess.train_split"
-        fit_split = cfg.postprocess.get("train_split", "train")
-        if fit_split == split:
-            raise LayerprobeError(f"{option}={fit_split} is the evaluated split; post-processing must be fit on another "
-                                  "(e.g. postprocess.train_split=train)")
-        fit_pairs = _load_other_split(dataset, fit_split, cfg.postprocess.get("train_limit"), option)
-        # Statistics of the sentences as the pairs hold them (both sides, repeats kept, as in
-        # BERT-whitening); each distinct sentence is still encoded once.
-        fit_sentences, fit_a, fit_b = fit_pairs.unique_sentences()
-        fit_vectors = embed(fit_sentences, encoder, pooler, layer).vectors
-        fitted = postprocessor.fit(torch.cat([fit_vectors[fit_a], fit_vectors[fit_b]]), int(cfg.seed)) or {}
-        learned.update({f"postprocess_{cfg.postprocess.name}": fitted} if fitted else {})
-        notes.append(f"postprocess={cfg.postprocess.name} fit on the {2 * len(fit_pairs)} sentences of "
-                     f"{len(fit_pairs)} {fit_pairs.dataset}/{fit_split} pairs")
+        postprocess_train = Split(cfg.postprocess.get("train_split", "train"), cfg.postprocess.get("train_limit"),
+                                  "postprocess.train_split")
+        if postprocess_train.name == split.name:
+            raise LayerprobeError(f"postprocess.train_split={split.name} is the evaluated split; post-processing must be fit on "
+                                  "another (e.g. postprocess.train_split=train)")
+        _check_split(dataset, postprocess_train)
     else:
         postprocessor = None
+    layer = encoder.resolve_layer(cfg.get("layer"))
+    return JobPlan(dataset, encoder, pooler, postprocessor, metric_set, layer, split, int(cfg.seed),
+                   int((cfg.get("error_analysis") or {}).get("k", 20)), pooler_train, postprocess_train,
+                   str(cfg.postprocess.name) if cfg.get("postprocess") else "none", pooler_identity, cache)
 
-    calibration = None
-    if metric_set.needs_calibration and metric_set.calibration_split not in dataset.splits:
-        notes.append(f"no {metric_set.calibration_split} split to calibrate thresholds on: accuracy/F1 not computed")
-    elif metric_set.needs_calibration:
-        calibration_pairs = _load_other_split(dataset, metric_set.calibration_split, metric_set.calibration_limit, "metric.calibration_split")
-        if calibration_pairs.split == split:
-            notes.append(f"thresholds fit on the evaluated split itself ({split}): in-sample accuracy/F1")
-        calibration = score_pairs(calibration_pairs, encoder, pooler, layer, postprocessor)[0]
-    elif any(m.calibrated for m in metric_set.metrics):
-        notes.append("no metric.calibration_split: accuracy/F1 need a train-calibrated threshold and were not computed")
+
+def run_plan(job: JobPlan) -> Evaluation:
+    """The chain of stages: pairs → fit what learns → calibrate → score → metrics."""
+    import torch
+
+    torch.manual_seed(job.seed)
+    with CLOCK.measure("data"):
+        pairs = job.dataset.load(job.split.name, job.split.limit)
+    if not len(pairs):
+        raise LayerprobeError(f"{pairs.dataset}/{job.split.name} has no labelled pair to evaluate ({pairs.rows_read} rows read, "
+                              f"skipped: {dict(pairs.skipped)})")
+    metric_set, notes = job.metric_set.for_labels(pairs.label_kind)
+    fitted = fit_pooler(job)
+    postprocessor, postprocess_learned, fit_costs = fit_postprocessor(job, notes)
+    calibration = calibrate(job, metric_set, pairs, postprocessor, notes)
 
     started = time.perf_counter()
-    scores, embedding = score_pairs(pairs, encoder, pooler, layer, postprocessor)
+    scores, embedding = score_pairs(pairs, job.encoder, job.pooler, job.layer, postprocessor, job.pooler_identity)
     total_seconds = time.perf_counter() - started
-    vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
-    metrics = metric_set.compute(scores, calibration, int(cfg.seed), vectors)
-    k = int((cfg.get("error_analysis") or {}).get("k", 20))
+    with CLOCK.measure("metrics"):
+        vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
+        metrics = metric_set.compute(scores, calibration, job.seed, vectors)
+        mistakes = confident_mistakes(scores, job.mistakes)
 
-    if isinstance(encoder, CachedEncoder):
-        embedding.encoder_counts.update(encoder.stats)
+    if isinstance(job.encoder, CachedEncoder):
+        embedding.encoder_counts.update(job.encoder.stats)
     tokens = embedding.encoder_counts.get("tokens", 0)
     # Cost of producing the scores, whether the states were computed now or read from the cache
     # (then: what computing them cost), so jobs compare like with like; the read is logged apart.
-    producing = total_seconds - embedding.waited_seconds + embedding.encode_seconds
+    producing = total_seconds - embedding.waited_seconds + embedding.encode_seconds + embedding.replayed_seconds
     timings = {
         "encode_seconds": embedding.encode_seconds,
         "cache_read_seconds": embedding.read_seconds,
@@ -175,9 +164,120 @@ def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | N
         "pairs_per_second": len(pairs) / producing if producing > 0 else float("inf"),
         "tokens_per_second": tokens / embedding.encode_seconds if embedding.encode_seconds else float("inf"),
     }
-    return Evaluation(layer, scores, metrics, embedding.encoder_counts, timings,
-                      calibration.pairs if calibration else None, training_curve, learned, notes,
-                      mistakes=confident_mistakes(scores, k), states=embedding.origin)
+    if fitted.fit_seconds is not None or fit_costs:
+        timings["fit_seconds"] = (fitted.fit_seconds or 0.0) + fit_costs.get("fit_seconds", 0.0)
+        timings["fit_encode_seconds"] = fitted.encode_seconds + fit_costs.get("encode_seconds", 0.0)
+    return Evaluation(job.layer, scores, metrics, embedding.encoder_counts, timings,
+                      calibration.pairs if calibration else None, fitted.curve, {**fitted.learned, **postprocess_learned}, notes,
+                      mistakes=mistakes, states=embedding.origin, fit=fitted.origin or ("computed" if fit_costs else ""))
+
+
+@dataclass
+class Fitted:
+    """What fitting the pooler produced (nothing for poolers that learn nothing)."""
+
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    learned: dict[str, Any] = field(default_factory=dict)
+    fit_seconds: float | None = None  # the fit's own time (or, restored from the cache, the time it took)
+    encode_seconds: float = 0.0  # producing the train split's token states for it
+    origin: str = ""  # computed | cache
+
+
+def fit_pooler(job: JobPlan) -> Fitted:
+    """Fit a pooler that learns on its train split, or restore the same fit from the cache.
+
+    A fit is keyed by the encoder, layer, pooler options, seed and the train pairs; a pooler that
+    can ``restore`` what it learned skips fitting when the key is cached (a sweep over post-processors
+    or a sweep run again fits once).
+    """
+    if job.pooler_train is None:
+        return Fitted()
+    train = _load_split(job.dataset, job.pooler_train)
+    key = _fit_key(job, train)
+    restore = getattr(job.pooler, "restore", None)
+    if key is not None and callable(restore):
+        stored = job.cache.get_entry(key, FITTED)
+        if stored is not None:
+            restore(stored["learned"])
+            job.pooler_identity = _learned_identity(job, stored["learned"])
+            return Fitted(stored["curve"], learned_tensors(job.pooler), float(stored["fit_seconds"]),
+                          float(stored["encode_seconds"]), "cache")
+    states, encode_seconds = token_states_of(train, job.encoder, job.layer)
+    started = time.perf_counter()
+    with CLOCK.measure("fit"):
+        curve = job.pooler.fit(states, job.seed) or {}
+    fit_seconds = time.perf_counter() - started
+    learned = learned_tensors(job.pooler)
+    if job.pooler_identity is not None:
+        job.pooler_identity = _learned_identity(job, learned)
+    if key is not None and callable(restore):
+        job.cache.put_entry(key, FITTED, {"learned": learned, "curve": curve, "fit_seconds": fit_seconds,
+                                          "encode_seconds": encode_seconds})
+    return Fitted(curve, learned, fit_seconds, encode_seconds, "computed")
+
+
+def _fit_key(job: JobPlan, train: PairSet) -> str | None:
+    if job.cache is None or job.cache.folder is None or job.pooler_identity is None:
+        return None
+    sentences, a_index, b_index = train.unique_sentences()
+    digest = hashlib.sha256(f"{job.pooler_identity}|seed={job.seed}".encode())
+    for array in (a_index, b_index, np.asarray(train.labels, dtype=np.float64)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return job.cache.key(f"{job.encoder.fingerprint()}|fit|{digest.hexdigest()}", job.layer.index, sentences)
+
+
+def _learned_identity(job: JobPlan, learned: dict[str, Any]) -> str:
+    """A learned pooler's vectors depend on what it learned: its identity includes a hash of it."""
+    digest = hashlib.sha256()
+    for name, value in sorted(_flat_tensors(learned).items()):
+        digest.update(name.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    return f"{job.pooler_identity}|learned={digest.hexdigest()[:16]}"
+
+
+def _flat_tensors(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_tensors(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def fit_postprocessor(job: JobPlan, notes: list[str]):
+    """Fit the post-processor on the pooled vectors of its train split's sentences (both sides)."""
+    if job.postprocessor is None:
+        return None, {}, {}
+    import torch
+
+    fit_pairs = _load_split(job.dataset, job.postprocess_train)
+    # Statistics of the sentences as the pairs hold them (both sides, repeats kept, as in
+    # BERT-whitening); each distinct sentence is still encoded once.
+    fit_sentences, fit_a, fit_b = fit_pairs.unique_sentences()
+    embedding = embed(fit_sentences, job.encoder, job.pooler, job.layer, job.pooler_identity)
+    started = time.perf_counter()
+    with CLOCK.measure("postprocess_fit"):
+        fitted = job.postprocessor.fit(torch.cat([embedding.vectors[fit_a], embedding.vectors[fit_b]]), job.seed) or {}
+    notes.append(f"postprocess={job.postprocess_name} fit on the {2 * len(fit_pairs)} sentences of "
+                 f"{len(fit_pairs)} {fit_pairs.dataset}/{job.postprocess_train.name} pairs")
+    costs = {"fit_seconds": time.perf_counter() - started, "encode_seconds": embedding.encode_seconds}
+    return job.postprocessor, ({f"postprocess_{job.postprocess_name}": fitted} if fitted else {}), costs
+
+
+def calibrate(job: JobPlan, metric_set: MetricSet, pairs: PairSet, postprocessor, notes: list[str]) -> PairScores | None:
+    """Scores of the calibration split, for the thresholds of accuracy/F1 (None when not needed)."""
+    if metric_set.needs_calibration and metric_set.calibration_split not in job.dataset.splits:
+        notes.append(f"no {metric_set.calibration_split} split to calibrate thresholds on: accuracy/F1 not computed")
+        return None
+    if metric_set.needs_calibration:
+        calibration_pairs = _load_split(job.dataset, Split(metric_set.calibration_split, metric_set.calibration_limit,
+                                                           "metric.calibration_split"))
+        if calibration_pairs.split == job.split.name:
+            notes.append(f"thresholds fit on the evaluated split itself ({job.split.name}): in-sample accuracy/F1")
+        return score_pairs(calibration_pairs, job.encoder, job.pooler, job.layer, postprocessor, job.pooler_identity)[0]
+    if any(m.calibrated for m in metric_set.metrics):
+        notes.append("no metric.calibration_split: accuracy/F1 need a train-calibrated threshold and were not computed")
+    return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -196,22 +296,30 @@ def token_state_cache(folder: str | None, max_gb: float) -> TokenStateCache:
     return TokenStateCache(folder, max_gb)
 
 
-def _load_other_split(dataset, split: str, limit: int | None, option: str) -> PairSet:
-    if split not in dataset.splits:
-        raise LayerprobeError(f"{option}={split}: this dataset has no such split (it has: {', '.join(dataset.splits)})")
-    pairs = dataset.load(split, limit)
+def _check_split(dataset, split: Split) -> None:
+    if split.name not in dataset.splits:
+        raise LayerprobeError(f"{split.option}={split.name}: this dataset has no such split (it has: {', '.join(dataset.splits)})")
+
+
+def _load_split(dataset, split: Split) -> PairSet:
+    _check_split(dataset, split)
+    with CLOCK.measure("data"):
+        pairs = dataset.load(split.name, split.limit)
     if not len(pairs):
-        raise LayerprobeError(f"{option}={split}: no labelled pair in that split ({pairs.rows_read} rows read)")
+        raise LayerprobeError(f"{split.option}={split.name}: no labelled pair in that split ({pairs.rows_read} rows read)")
     return pairs
 
 
-def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer, postprocessor=None) -> tuple[PairScores, Embedding]:
+def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer, postprocessor=None,
+                pooler_identity: str | None = None) -> tuple[PairScores, Embedding]:
     """Cosine similarity of every pair; each distinct sentence is encoded once.
 
     The post-processor (already fit on the train split) transforms both sentences' vectors.
     """
+    import torch
+
     sentences, a_index, b_index = pairs.unique_sentences()
-    embedding = embed(sentences, encoder, pooler, layer)
+    embedding = embed(sentences, encoder, pooler, layer, pooler_identity)
     embedding.sentences = sentences
     embedding.compared = postprocessor.transform(embedding.vectors) if postprocessor is not None else embedding.vectors
     vectors = embedding.compared.double()
@@ -254,8 +362,44 @@ def confident_mistakes(scores: PairScores, k: int) -> list[dict[str, Any]]:
     return rows
 
 
-def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
-    """Encode and pool ``sentences`` batch by batch; vectors come back in the sentences' order."""
+def embed(sentences: Sequence[str], encoder, pooler, layer: Layer, pooler_identity: str | None = None) -> Embedding:
+    """Encode and pool ``sentences`` batch by batch; vectors come back in the sentences' order.
+
+    With a token cache and a pooler whose identity is known, the pooled vectors themselves are
+    cached too (far smaller than token states): a later job with the same encoder, layer, pooler
+    and sentences reads them instead of encoding.
+    """
+    cache = encoder.cache if isinstance(encoder, CachedEncoder) else None
+    key = None
+    if cache is not None and cache.folder is not None and pooler_identity is not None:
+        started = time.perf_counter()
+        key = cache.key(f"{encoder.fingerprint()}|pooled|{pooler_identity}", layer.index, sentences)
+        stored = cache.get_entry(key, POOLED)
+        if stored is not None and _pooled_entry_fits(stored, len(sentences)):
+            read = time.perf_counter() - started
+            encoder.stats["cache_hits"] += 1
+            encoder.stats["cache_hits_pooled"] += 1
+            CLOCK.add("cache_read", read)
+            return Embedding(stored["vectors"], Counter(stored["counts"]), float(stored["encode_seconds"]), float(stored["pool_seconds"]),
+                             origin="cache", read_seconds=read, waited_seconds=read, replayed_seconds=float(stored["pool_seconds"]))
+        if stored is not None:
+            encoder.stats["cache_damaged"] += 1
+    embedding = _encode_and_pool(sentences, encoder, pooler, layer)
+    if key is not None:
+        cache.put_entry(key, POOLED, {"vectors": embedding.vectors, "counts": dict(embedding.encoder_counts),
+                                      "encode_seconds": embedding.encode_seconds, "pool_seconds": embedding.pool_seconds})
+    return embedding
+
+
+def _pooled_entry_fits(stored: dict, count: int) -> bool:
+    vectors = stored.get("vectors")
+    return vectors is not None and getattr(vectors, "dim", lambda: 0)() == 2 and vectors.shape[0] == count and bool(
+        vectors.isfinite().all() or not vectors.numel())
+
+
+def _encode_and_pool(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
+    import torch
+
     vectors: torch.Tensor | None = None
     filled = torch.zeros(len(sentences), dtype=torch.bool)
     counts: Counter = Counter()
@@ -273,6 +417,8 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
         filled[index] = True
         counts.update(batch.counts)
         pool_seconds += time.perf_counter() - started
+    CLOCK.add("encode", encode_seconds)
+    CLOCK.add("pool", pool_seconds)
     if vectors is None or not bool(filled.all()):
         missing = len(sentences) if vectors is None else int((~filled).sum())
         raise RuntimeError(f"the encoder returned no states for {missing} of {len(sentences)} sentences")
@@ -289,14 +435,21 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:
     return embedding
 
 
-def token_states_of(pairs: PairSet, encoder, layer: Layer) -> PairTokenStates:
-    """All token states of a split's distinct sentences (on CPU), for a pooler's ``fit``."""
+def token_states_of(pairs: PairSet, encoder, layer: Layer) -> tuple[PairTokenStates, float]:
+    """All token states of a split's distinct sentences, for a pooler's ``fit``, and what producing
+    them cost. They stay on the device the encoder made them on (a GPU encoder's fit runs there)."""
     sentences, a_index, b_index = pairs.unique_sentences()
-    batches = [
-        TokenStates(b.states.float().cpu(), b.mask.cpu(), b.sentence_index.cpu(), b.counts)
-        for b in encoder.encode(sentences, layer)
-    ]
-    return PairTokenStates(batches, a_index, b_index, np.asarray(pairs.labels))
+    batches, seconds = [], 0.0
+    for batch, spent in timed(encoder.encode(sentences, layer)):
+        seconds += spent
+        if batch is None:
+            break
+        batches.append(TokenStates(batch.states.float(), batch.mask, batch.sentence_index.cpu(), batch.counts))
+    CLOCK.add("encode", seconds)
+    last = getattr(encoder, "last", None) or {}
+    if last.get("encode_seconds") is not None:
+        seconds = float(last["encode_seconds"])  # production cost (for cache hits: the computing run's)
+    return PairTokenStates(batches, a_index, b_index, np.asarray(pairs.labels)), seconds
 
 
 def result_line(cfg: DictConfig, evaluation: Evaluation) -> str:

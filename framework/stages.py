@@ -9,14 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
-import torch
-
+from framework.contracts import Evaluation, JobInfo, SweepInfo
 from framework.data import Layer, PairSet, PairTokenStates, TokenStates
 from framework.results import JobResult
 
 if TYPE_CHECKING:
-    from framework.run import Evaluation
-    from framework.sweep import JobInfo, SweepInfo
+    import torch
 
 
 class Dataset(Protocol):
@@ -93,19 +91,19 @@ def learned_tensors(pooler) -> dict[str, Any]:
 class Tracker(Protocol):
     """Where jobs and sweeps are recorded (the built-in is MLflow: ``plugins/mlflow``)."""
 
-    def start_sweep(self, sweep: "SweepInfo") -> dict[str, Any]:
+    def start_sweep(self, sweep: SweepInfo) -> dict[str, Any]:
         """Called once, in the driver, before any job. Returns JSON-able state that every job's
         process gets back as ``job.sweep.trackers[<tracking name>]`` (e.g. a parent run's id).
         Raises ``LayerprobeError`` if the sweep cannot be recorded: the sweep then does not start."""
 
-    def start_job(self, job: "JobInfo") -> None:
+    def start_job(self, job: JobInfo) -> None:
         """Before a job's work: record what it was asked to do (so failed jobs carry it too)."""
 
-    def end_job(self, job: "JobInfo", result: JobResult, evaluation: "Evaluation | None") -> None:
+    def end_job(self, job: JobInfo, result: JobResult, evaluation: Evaluation | None) -> None:
         """After a job, whatever its ``result.status`` (FINISHED, FAILED, KILLED); ``evaluation`` is
         None unless it finished. Sets ``result.run_ref`` to the tracker's id of the record."""
 
-    def end_sweep(self, sweep: "SweepInfo", results: list[JobResult], files: dict[str, Path], status: str) -> None:
+    def end_sweep(self, sweep: SweepInfo, results: list[JobResult], files: dict[str, Path], status: str) -> None:
         """After the last job or on interruption: the summary ``files`` (name → path) and the sweep's
         status (FINISHED, FAILED, KILLED). Jobs still recorded as running are to be ended as KILLED."""
 

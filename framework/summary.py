@@ -67,6 +67,8 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
     """
     from scipy import stats
 
+    from framework.bootstrap import rank_correlation, resample_counts
+
     texts: dict[int, str] = {}
     finished = [(i, r) for i, r in enumerate(results) if r.finished and r.scores is not None]
     for key in sorted({(r.label["dataset"], r.label["split"]) for _, r in finished}):
@@ -79,31 +81,46 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
             reference_index, reference = chosen[0]
         else:
             reference_index, reference = group[0]
-        base = reference.scores.by_id()
-        ids = sorted(base)
-        samples = np.random.default_rng(seed).integers(0, len(ids), size=(resamples, len(ids)))
-        labels = np.array([base[i][0] for i in ids])
-        base_scores = np.array([base[i][1] for i in ids])
         texts[reference_index] = f"reference (job {reference.job})" if reference.job is not None else "reference"
         for index, result in group:
             if index == reference_index:
                 continue
-            other = result.scores.by_id()
-            if sorted(other) != ids:
+            paired = paired_scores(reference.scores, result.scores)
+            if paired is None:
                 texts[index] = "different pairs"
                 continue
-            scores = np.array([other[i][1] for i in ids])
+            labels, base_scores, scores = paired
             if np.ptp(scores) == 0 or np.ptp(base_scores) == 0:
                 texts[index] = "undefined: constant scores"  # e.g. [CLS] at the embedding layer
                 continue
             point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
-            deltas = np.array([stats.spearmanr(scores[s], labels[s]).statistic - stats.spearmanr(base_scores[s], labels[s]).statistic
-                               for s in samples])
+            of_config, of_reference = rank_correlation(scores, labels), rank_correlation(base_scores, labels)
+            deltas = np.concatenate([of_config(c) - of_reference(c) for c in resample_counts(len(labels), resamples, seed)])
             tail = (1 - confidence) / 2 * 100
             low, high = np.nanpercentile(deltas, [tail, 100 - tail])
             mark = " *" if low > 0 or high < 0 else ""
             texts[index] = f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
     return texts
+
+
+def paired_scores(reference, other) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Labels, reference scores and other scores of the same pairs, or None if the pairs differ.
+
+    Pairs with unique ids are matched by id (in sorted id order); when ids repeat, the two runs
+    must list the same ids in the same order and are paired by position, never by a last-wins
+    lookup that would silently drop the repeats.
+    """
+    if len(set(reference.ids)) == len(reference.ids) and len(set(other.ids)) == len(other.ids):
+        if set(reference.ids) != set(other.ids):
+            return None
+        base, theirs = reference.by_id(), other.by_id()
+        ids = sorted(base)
+        if any(base[i][0] != theirs[i][0] for i in ids):
+            return None
+        return (np.array([base[i][0] for i in ids]), np.array([base[i][1] for i in ids]), np.array([theirs[i][1] for i in ids]))
+    if list(reference.ids) != list(other.ids) or list(reference.labels) != list(other.labels):
+        return None
+    return np.asarray(reference.labels, dtype=float), np.asarray(reference.scores, dtype=float), np.asarray(other.scores, dtype=float)
 
 
 def compact(header: list[str], body: list[list[str]], results: list[JobResult]) -> tuple[list[str], list[list[str]]]:

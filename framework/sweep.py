@@ -11,115 +11,23 @@ summary when the sweep ends, or when it is interrupted (SIGINT/SIGTERM).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+# The sweep's and the job's data live in framework.contracts; re-exported for existing imports.
+from framework.contracts import SWEEP_FILE, JobInfo, SweepInfo, process_identity, process_is_alive, process_start_time  # noqa: F401
 from framework.errors import LayerprobeError
-from framework.results import JobResult, write_atomic
+from framework.phases import DRIVER
 
-SWEEP_FILE = "layerprobe-sweep.json"
 EXIT_INTERRUPTED = 130
-
-
-@dataclass
-class SweepInfo:
-    """A sweep's identity and its trackers' state, as every worker finds it in the sweep directory."""
-
-    id: str
-    dir: str
-    overrides: list[str]
-    created: float
-    host: str
-    pid: int
-    process: str
-    trackers: dict[str, dict[str, Any]] = field(default_factory=dict)
-    status: str = "RUNNING"
-
-    @property
-    def file(self) -> Path:
-        return Path(self.dir) / SWEEP_FILE
-
-    @property
-    def results_dir(self) -> Path:
-        return Path(self.dir) / "results" / self.id
-
-    def save(self) -> None:
-        write_atomic(self.file, json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "SweepInfo | None":
-        path = Path(folder) / SWEEP_FILE
-        try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, TypeError) as error:
-            raise LayerprobeError(f"{path}: not a layerprobe sweep file ({error}); remove it or use another hydra.sweep.dir") from None
-
-    def results(self) -> list[JobResult]:
-        """Every job result written so far, by job number."""
-        found = []
-        for path in sorted(self.results_dir.glob("*.json")):
-            try:
-                found.append(JobResult.from_json(path.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, TypeError, KeyError) as error:
-                print(f"layerprobe: warning: unreadable job result {path} ({error}); left out of the summary", file=sys.stderr)
-        return sorted(found, key=lambda r: (r.job is None, r.job))
-
-    def write_result(self, result: JobResult) -> None:
-        write_atomic(self.results_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())
-
-
-@dataclass
-class JobInfo:
-    """One job as the trackers see it: its config, identity and place in a sweep (if any)."""
-
-    name: str
-    config: DictConfig
-    settings: dict[str, Any]
-    config_hash: str
-    number: int | None = None
-    sweep: SweepInfo | None = None
-
-
-def process_identity(pid: int | None = None) -> str:
-    """``host:pid:start`` — with the process's start time, so a reused pid is not mistaken for it."""
-    pid = pid or os.getpid()
-    return f"{socket.gethostname()}:{pid}:{process_start_time(pid)}"
-
-
-def process_start_time(pid: int) -> str:
-    try:  # Linux: field 22 of /proc/<pid>/stat, in clock ticks since boot
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_is_alive(identity: str) -> bool | None:
-    """Whether the process ``host:pid:start`` still runs; None when it ran on another host."""
-    host, _, rest = identity.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return None
-    pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return not start or process_start_time(pid) == start
 
 
 # --- the driver's side ---------------------------------------------------------------------------
@@ -133,6 +41,14 @@ def sweep_dir_of(config: DictConfig) -> Path:
 
 def start_sweep(config: DictConfig) -> SweepInfo:
     """Record the sweep with every tracker and write the sweep file; before any job runs."""
+    with DRIVER.measure("sweep_start"):
+        sweep = _start_sweep(config)
+    sweep.phases = DRIVER.totals()
+    sweep.save()
+    return sweep
+
+
+def _start_sweep(config: DictConfig) -> SweepInfo:
     from framework.plugins import registry
 
     folder = sweep_dir_of(config)
@@ -172,6 +88,7 @@ def finish_sweep(status: str | None = None) -> int:
         return 0
     sweep, config, tracker = _ACTIVE["sweep"], _ACTIVE["config"], _ACTIVE["tracker"]
     _ACTIVE.clear()
+    summary_started = time.perf_counter()
     results = sweep.results()
     failed = sum(not r.finished for r in results)
     status = status or ("FAILED" if failed else "FINISHED")
@@ -182,6 +99,8 @@ def finish_sweep(status: str | None = None) -> int:
         print_summary(results, files, sweep, status)
         tracker.end_sweep(sweep, results, files, status)
     sweep.status = status
+    DRIVER.add("summary", time.perf_counter() - summary_started)
+    sweep.phases = DRIVER.totals()
     sweep.save()
     if status == "KILLED":
         print(f"layerprobe: sweep interrupted; {sum(r.finished for r in results)} job(s) finished, "

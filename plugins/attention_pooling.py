@@ -37,6 +37,7 @@ class AttentionOptions:
     learning_rate: float = 0.01
     comparisons_per_step: int = 4096  # random (paraphrase, non-paraphrase) pairs per step
     scale: float = 0.05  # s in the logistic loss: cosine differences are small
+    device: str = "auto"  # where fit trains: auto = the GPU when there is one (the train split's states are moved there), cpu, cuda:N
 
 
 class AttentionPooler(torch.nn.Module):
@@ -67,8 +68,14 @@ class AttentionPooler(torch.nn.Module):
     def fit(self, train: PairTokenStates, seed: int) -> dict[str, list[float]]:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
+        # Train on the GPU when there is one; the pair sampling runs on the CPU generator, so the
+        # seed decides the same steps on either device.
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.options.device == "auto" else self.options.device)
+        train = PairTokenStates([TokenStates(b.states.to(device), b.mask.to(device), b.sentence_index, b.counts) for b in train.batches],
+                                train.a_index, train.b_index, train.labels)
         first = train.batches[0]
-        self._ensure_query(first.states.shape[-1], first.states.device)
+        self._ensure_query(first.states.shape[-1], device)
+        self.to(device)
         order = torch.randperm(len(train.labels), generator=generator).numpy()
         held = order[: max(2, int(round(len(order) * self.options.held_out_fraction)))]
         fit = order[len(held):]
@@ -102,16 +109,21 @@ class AttentionPooler(torch.nn.Module):
         return curve
 
     def _pair_cosines(self, train: PairTokenStates) -> torch.Tensor:
-        n = sum(len(b.sentence_index) for b in train.batches)
-        vectors = torch.zeros(n, train.batches[0].states.shape[-1])
-        for batch in train.batches:
-            vectors = vectors.index_put((batch.sentence_index,), self._pool(batch).cpu())
+        pooled = torch.cat([self._pool(batch) for batch in train.batches]).cpu()
+        order = torch.cat([batch.sentence_index for batch in train.batches])
+        vectors = pooled.new_zeros(len(order), pooled.shape[1]).index_put((order,), pooled)
         a, b = vectors[torch.as_tensor(train.a_index)], vectors[torch.as_tensor(train.b_index)]
         return torch.nn.functional.cosine_similarity(a, b, dim=1)
 
     def learned(self) -> dict[str, torch.Tensor]:
         """What the harness saves as the run's artifact."""
-        return {"attention_pooler": {"query": self.query.detach().cpu(), "temperature": self.log_temperature.exp().detach()}}
+        return {"attention_pooler": {"query": self.query.detach().cpu(), "temperature": self.log_temperature.exp().detach().cpu()}}
+
+    def restore(self, learned: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Take back what ``learned`` gave (the harness's cache of fits): the same pooler as after ``fit``."""
+        state = learned["attention_pooler"]
+        self.query = torch.nn.Parameter(state["query"].detach().clone().float())
+        self.log_temperature = torch.nn.Parameter(state["temperature"].detach().clone().float().log())
 
 
 @hookimpl

@@ -276,7 +276,7 @@ def test_attention_pooler_trains_on_rwkv_states(world_pth):
     pairs = PairSet("toy", "train", [str(i) for i in range(6)], sentences_a, sentences_b, labels, 6)
     encoder = encoder_for(world_pth)
     curve = AttentionPooler(AttentionOptions(epochs=3, held_out_fraction=0.34)).fit(
-        token_states_of(pairs, encoder, encoder.resolve_layer(2)), seed=0)
+        token_states_of(pairs, encoder, encoder.resolve_layer(2))[0], seed=0)
     assert len(curve["loss"]) >= 1
 
 

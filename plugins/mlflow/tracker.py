@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from framework.results import JobResult, PairScoreTable, config_hash, setting_text
-from framework.sweep import JobInfo, SweepInfo, process_identity, process_is_alive
+from framework.contracts import JobInfo, SweepInfo, process_identity, process_is_alive
 from framework.errors import LayerprobeError
 from plugins.mlflow.store import MLflowOptions, check_server, local_folder, store_for, tracking_uri
 
