@@ -166,9 +166,9 @@ MARKERS = ("o", "s", "^", "D", "v", "P")
 
 def line_style(number: int) -> dict:
     """Colour, dash and marker for the n-th line: 10 colours, then new dashes and markers."""
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
 
-    colors = plt.get_cmap("tab10").colors
+    colors = colormaps["tab10"].colors
     return {"color": colors[number % 10], "linestyle": LINE_STYLES[(number // 10) % 4], "marker": MARKERS[(number // 40) % 6]}
 
 
@@ -179,10 +179,7 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     without layers (GloVe, a sentence-transformers model's own embedding) are baselines: a
     horizontal line across the panel with their CI as a band. The legend sits outside the panels.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     finished = [r for r in results if r.finished]
     present = {name for r in finished for name in r.metrics}
@@ -192,7 +189,8 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     configs: dict[str, int] = {}
     for result in finished:
         configs.setdefault(line_label(result, extra), len(configs))
-    figure, axes = plt.subplots(len(names), len(datasets), figsize=(5.2 * len(datasets), 3.6 * len(names)), squeeze=False)
+    figure = Figure(figsize=(5.2 * len(datasets), 3.6 * len(names)), layout="constrained")
+    axes = figure.subplots(len(names), len(datasets), squeeze=False)
     handles: dict[str, object] = {}
     for row, name in enumerate(names):
         for column, (dataset, split) in enumerate(datasets):
@@ -235,9 +233,7 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     if handles:
         figure.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small",
                       frameon=False)
-    figure.tight_layout()
     figure.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(figure)
 
 
 def write_summary_files(results: list[JobResult], folder: Path, options: dict[str, Any] | None = None) -> dict[str, Path]:

@@ -15,16 +15,17 @@ never seen while fitting.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from scipy import stats
 
 from framework.data import PairTokenStates, TokenStates
 from framework.errors import LayerprobeError
 from framework.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -40,9 +41,12 @@ class AttentionOptions:
     device: str = "auto"  # where fit trains: auto = the GPU when there is one (the train split's states are moved there), cpu, cuda:N
 
 
-class AttentionPooler(torch.nn.Module):
+class AttentionPooler:
+    """Two parameters, a query and a log temperature (torch is imported when the pooler is used)."""
+
     def __init__(self, options: AttentionOptions):
-        super().__init__()
+        import torch
+
         if not 0 < options.held_out_fraction < 1:
             raise LayerprobeError(f"pooler.held_out_fraction={options.held_out_fraction} must lie between 0 and 1")
         self.options = options
@@ -50,15 +54,37 @@ class AttentionPooler(torch.nn.Module):
         self.log_temperature = torch.nn.Parameter(torch.zeros(()))
 
     def _ensure_query(self, width: int, device) -> None:
+        import torch
+
         if self.query is None:
             self.query = torch.nn.Parameter(torch.zeros(width, device=device))
 
+    def parameters(self) -> list:
+        return [self.query, self.log_temperature]
+
+    def _state(self) -> tuple:
+        return tuple(p.detach().clone() for p in self.parameters())
+
+    def _load(self, state: tuple) -> None:
+        import torch
+
+        self.query, self.log_temperature = (torch.nn.Parameter(p.clone()) for p in state)
+
+    def _to(self, device) -> None:
+        import torch
+
+        self.query, self.log_temperature = (torch.nn.Parameter(p.detach().to(device)) for p in self.parameters())
+
     def weights(self, batch: TokenStates) -> torch.Tensor:
+        import torch
+
         self._ensure_query(batch.states.shape[-1], batch.states.device)
         logits = batch.states.float() @ self.query.to(batch.states.device) / self.log_temperature.exp()
         return torch.softmax(logits.masked_fill(~batch.mask, float("-inf")), dim=1)
 
     def pool(self, batch: TokenStates) -> torch.Tensor:
+        import torch
+
         with torch.no_grad():
             return self._pool(batch)
 
@@ -66,6 +92,9 @@ class AttentionPooler(torch.nn.Module):
         return (self.weights(batch).unsqueeze(-1) * batch.states.float()).sum(dim=1)
 
     def fit(self, train: PairTokenStates, seed: int) -> dict[str, list[float]]:
+        import torch
+        from scipy import stats
+
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         # Train on the GPU when there is one; the pair sampling runs on the CPU generator, so the
@@ -75,7 +104,7 @@ class AttentionPooler(torch.nn.Module):
                                 train.a_index, train.b_index, train.labels)
         first = train.batches[0]
         self._ensure_query(first.states.shape[-1], device)
-        self.to(device)
+        self._to(device)
         order = torch.randperm(len(train.labels), generator=generator).numpy()
         held = order[: max(2, int(round(len(order) * self.options.held_out_fraction)))]
         fit = order[len(held):]
@@ -85,7 +114,7 @@ class AttentionPooler(torch.nn.Module):
             raise LayerprobeError("the train split needs both paraphrases and non-paraphrases to fit pooler=attn")
         optimizer = torch.optim.Adam(self.parameters(), lr=self.options.learning_rate)
         curve = {"loss": [], "heldout_spearman": []}
-        best, best_state, stale = -np.inf, copy.deepcopy(self.state_dict()), 0
+        best, best_state, stale = -np.inf, self._state(), 0
         for _ in range(self.options.epochs):
             cosine = self._pair_cosines(train)
             i = positive[torch.randint(len(positive), (self.options.comparisons_per_step,), generator=generator).numpy()]
@@ -100,15 +129,17 @@ class AttentionPooler(torch.nn.Module):
             curve["loss"].append(float(loss.detach()))
             curve["heldout_spearman"].append(rho)
             if rho > best:
-                best, best_state, stale = rho, copy.deepcopy(self.state_dict()), 0
+                best, best_state, stale = rho, self._state(), 0
             else:
                 stale += 1
                 if stale >= self.options.patience:
                     break
-        self.load_state_dict(best_state)
+        self._load(best_state)
         return curve
 
     def _pair_cosines(self, train: PairTokenStates) -> torch.Tensor:
+        import torch
+
         pooled = torch.cat([self._pool(batch) for batch in train.batches]).cpu()
         order = torch.cat([batch.sentence_index for batch in train.batches])
         vectors = pooled.new_zeros(len(order), pooled.shape[1]).index_put((order,), pooled)
@@ -121,6 +152,8 @@ class AttentionPooler(torch.nn.Module):
 
     def restore(self, learned: dict[str, dict[str, torch.Tensor]]) -> None:
         """Take back what ``learned`` gave (the harness's cache of fits): the same pooler as after ``fit``."""
+        import torch
+
         state = learned["attention_pooler"]
         self.query = torch.nn.Parameter(state["query"].detach().clone().float())
         self.log_temperature = torch.nn.Parameter(state["temperature"].detach().clone().float().log())

@@ -9,7 +9,6 @@ the evaluated split.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from framework.data import SentenceVectors
 from framework.hookspecs import hookimpl
@@ -19,6 +18,8 @@ ANISOTROPY_PAIRS = 20000
 
 def anisotropy(vectors: SentenceVectors, seed: int) -> float:
     """Mean cosine between the vectors of random distinct sentences (seeded; all pairs when few)."""
+    import torch
+
     x = torch.nn.functional.normalize(vectors.vectors.double(), dim=1)
     n = x.shape[0]
     if n < 2:
@@ -34,6 +35,8 @@ def anisotropy(vectors: SentenceVectors, seed: int) -> float:
 
 
 def _singular_value_distribution(vectors: SentenceVectors) -> np.ndarray:
+    import torch
+
     s = torch.linalg.svdvals(vectors.vectors.double()).numpy()
     return s / s.sum() if s.sum() > 0 else s
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import torch
 
 from framework.data import Layer, TokenStates
 from framework.errors import LayerprobeError
@@ -97,6 +96,8 @@ class GloveEncoder:
         return self.pattern.findall(sentence)
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        import torch
+
         vectors = self.vectors
         if self.options.lowercase and self.options.tokenizer == "whitespace":  # the paper's, inlined: hot path
             token_lists = [s.lower().split() for s in sentences]
@@ -241,6 +242,8 @@ def _from_keyed_vectors(keyed, source: str) -> WordVectors:
 
 
 def _word_vectors(words: list[str], matrix: np.ndarray, source: str) -> WordVectors:
+    import torch
+
     index: dict[str, int] = {}
     for row, word in enumerate(words):
         index.setdefault(word, row)  # the first (most frequent) row wins for duplicate words

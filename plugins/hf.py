@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
 
 from framework.data import Layer, TokenStates, hidden_state_index
 from framework.errors import LayerprobeError
@@ -49,11 +48,15 @@ class HFEncoder:
 
     @property
     def device(self) -> torch.device:
+        import torch
+
         if self.options.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.options.device)
 
     def _load(self):
+        import torch
+
         if self._loaded is None:
             from transformers import AutoModel, AutoTokenizer
             from transformers.utils import logging as transformers_logging
@@ -89,6 +92,7 @@ class HFEncoder:
         return digest.hexdigest()[:16]
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        import torch
         from framework.progress import progress
 
         tokenizer, model, layers, _ = self._load()
@@ -138,6 +142,8 @@ class HFEncoder:
 
 def _layer_list(model) -> torch.nn.ModuleList:
     """The model's stack of transformer layers: the ModuleList with num_hidden_layers entries."""
+    import torch
+
     count = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework.bootstrap import TieGroups, finite_only, rank_correlation, weighted_correlation
+from framework.bootstrap import TieGroups, finite_only, linear_correlation, rank_correlation
 from framework.hookspecs import hookimpl
 
 
@@ -66,21 +66,21 @@ def f1(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
 spearman_batched = finite_only(rank_correlation)
 
 
-@finite_only
-def pearson_batched(scores: np.ndarray, labels: np.ndarray):
-    return lambda counts: weighted_correlation(scores, labels, counts)
+pearson_batched = finite_only(linear_correlation)
 
 
 @finite_only
 def roc_auc_batched(scores: np.ndarray, labels: np.ndarray):
     """Mann-Whitney U from the resample's average ranks: the trapezoidal ROC area, ties counting half."""
     positive = (labels > 0.5).astype(np.float64)
-    by_score = TieGroups(scores)
+    by_score = TieGroups.of(scores)
 
     def of(counts: np.ndarray) -> np.ndarray:
         drawn_positive = counts @ positive
         drawn_negative = counts.sum(axis=1) - drawn_positive
-        rank_sum = (counts * by_score.ranks(counts)) @ positive
+        groups = by_score.totals(counts)
+        group_ranks = np.cumsum(groups, axis=1) - (groups - 1) / 2
+        rank_sum = (by_score.totals(counts * positive) * group_ranks).sum(axis=1)  # Σ over positives drawn
         with np.errstate(divide="ignore", invalid="ignore"):
             auc = (rank_sum - drawn_positive * (drawn_positive + 1) / 2) / (drawn_positive * drawn_negative)
         auc[(drawn_positive == 0) | (drawn_negative == 0)] = np.nan
@@ -93,7 +93,7 @@ def roc_auc_batched(scores: np.ndarray, labels: np.ndarray):
 def average_precision_batched(scores: np.ndarray, labels: np.ndarray):
     """Σ (recall step) × precision over the resample's distinct scores, highest first."""
     positive = (labels > 0.5).astype(np.float64)
-    by_score = TieGroups(scores, descending=True)
+    by_score = TieGroups.of(scores, descending=True)
 
     def of(counts: np.ndarray) -> np.ndarray:
         true_step = by_score.totals(counts * positive)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from framework.data import TokenStates
 from framework.hookspecs import hookimpl
@@ -35,6 +34,8 @@ class LastPooler:
     """The state of the last real token: for an RNN, the summary of the whole sentence."""
 
     def pool(self, batch: TokenStates) -> torch.Tensor:
+        import torch
+
         positions = torch.arange(batch.mask.shape[1], device=batch.mask.device)
         last = torch.where(batch.mask, positions, -1).amax(dim=1)
         return batch.states[torch.arange(len(last), device=last.device), last]

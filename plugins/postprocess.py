@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from framework.errors import LayerprobeError
 from framework.hookspecs import hookimpl
@@ -78,12 +77,16 @@ class Whiten(_Fitted):
     """
 
     def __init__(self, options: WhitenOptions):
+        import torch
+
         if options.dim is not None and options.dim < 1:
             raise LayerprobeError(f"postprocess.dim={options.dim} must be a positive number of dimensions (or null for all)")
         self.dim = options.dim
         self.kernel: torch.Tensor | None = None
 
     def fit(self, train_vectors: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        import torch
+
         centered = self._center_fit(train_vectors)
         width = centered.shape[1]
         if self.dim is not None and self.dim > width:
@@ -105,12 +108,16 @@ class AllButTheTop(_Fitted):
     """All-but-the-top (Mu & Viswanath 2018): subtract the mean and the top D principal directions."""
 
     def __init__(self, options: AbttOptions):
+        import torch
+
         if options.components is not None and options.components < 0:
             raise LayerprobeError(f"postprocess.components={options.components} must be ≥ 0")
         self.components = options.components
         self.directions: torch.Tensor | None = None
 
     def fit(self, train_vectors: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        import torch
+
         centered = self._center_fit(train_vectors)
         width = centered.shape[1]
         count = self.components if self.components is not None else max(1, round(width / 100))

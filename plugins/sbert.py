@@ -15,7 +15,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import torch
 
 from framework.data import Layer, TokenStates
 from framework.errors import LayerprobeError
@@ -77,6 +76,8 @@ class SentenceTransformersEncoder:
         return digest.hexdigest()[:16]
 
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
+        import torch
+
         if layer.index is not None:
             yield from self._layers.encode(sentences, layer)
             return

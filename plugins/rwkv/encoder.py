@@ -15,20 +15,10 @@ import torch
 
 from framework.data import Layer, TokenStates, hidden_state_index
 from framework.errors import LayerprobeError
+from plugins.rwkv.options import RWKVOptions  # noqa: F401  (re-exported: the encoder's options)
 
 
 PACKS_AHEAD = 1  # CUDA: packs queued on the GPU beyond the one the caller is handed (each holds its states)
-
-
-@dataclass
-class RWKVOptions:
-    model: str = "RWKV/v6-Finch-1B6-HF"  # hub id, HF folder, or BlinkDL .pth
-    revision: str | None = None  # hub revision (branch, tag or commit)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    batch_tokens: int | None = None  # tokens per packed forward; null = 8192 on CUDA (activations within 1 GiB for the 1B6 shape), 4096 on CPU
-    fused: bool = True  # CUDA: Triton kernels for the elementwise work between matmuls (false: plain PyTorch)
-    cuda_graphs: bool = True  # fused CUDA path: each pack's forward replayed from a CUDA graph (one per 512-token bucket and layer)
-    progress: bool = True  # a progress bar for encodes that take more than a few seconds
 
 
 class RWKVEncoder:
