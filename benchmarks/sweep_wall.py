@@ -67,7 +67,7 @@ def phases_of(folder: Path) -> tuple[dict[str, float], list[dict]]:
     return driver, jobs
 
 
-def report(result: dict, folder: Path) -> dict[str, float]:
+def report(result: dict, folder: Path, verbose: bool = False) -> dict[str, float]:
     driver, jobs = phases_of(folder)
     totals = {phase: driver.get(phase, 0.0) + sum(job.get("phases", {}).get(phase, 0.0) for job in jobs) for phase in PHASE_ORDER}
     totals.update({k: v for k, v in driver.items() if k not in totals})
@@ -85,6 +85,8 @@ def report(result: dict, folder: Path) -> dict[str, float]:
     harness = measured - work
     print(f"  harness per job (all but encode/pool/fit, start-up excluded): {harness / per_job:.3f} s")
     print(f"  wall / (encode + pool + fit) = {result['wall'] / work:.1f}" if work > 0 else "  no encode/pool/fit time recorded")
+    if verbose:
+        print("\n".join(line for line in result["stdout"].splitlines() if line.startswith("|")))
     return totals
 
 
@@ -95,7 +97,7 @@ def sweep(name: str, arguments: list[str], once: bool) -> list[dict]:
         for attempt in (("fresh store",) if once else ("fresh store", "again, same store")):
             folder = Path(root) / f"sweep{len(runs)}"
             result = run(["-m", *arguments, f"hydra.sweep.dir={folder}"], store, f"{name} ({attempt})")
-            report(result, folder)
+            report(result, folder, verbose=True)
             runs.append(result)
         return runs
 
