@@ -104,16 +104,20 @@ class TokenStateCache:
         self._remember(key, batches)
         return batches
 
-    def put(self, key: str, batches: list[TokenStates], encode_seconds: float | None = None) -> None:
+    def put(self, key: str, batches: list[TokenStates], encode_seconds: float | None = None,
+            compute_seconds: float | None = None) -> None:
         """Keep ``batches`` (and what computing them cost, so a later hit can report it).
 
         On disk only when computing them took longer than reading them back would: a GPU encode
-        of a train split is faster than a read of its gigabytes of float32 states.
+        of a train split is faster than a read of its gigabytes of float32 states. ``compute_seconds``
+        is what recomputing them would take now (a continued layer: only the blocks above its start);
+        ``encode_seconds`` what producing them cost in all (stored, reported by later hits).
         """
         self._remember(key, batches)
         if encode_seconds is not None:
             self.cost[key] = encode_seconds
-        if encode_seconds is not None and encode_seconds < sum(_size(b) for b in batches) / DISK_BYTES_PER_SECOND:
+        recompute = encode_seconds if compute_seconds is None else compute_seconds
+        if recompute is not None and recompute < sum(_size(b) for b in batches) / DISK_BYTES_PER_SECOND:
             self.kept_in_memory += 1
             return
         payload = {"batches": [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches],
@@ -264,7 +268,7 @@ class CachedEncoder:
         self.last = {"origin": "continued" if source is not None else "computed", "encode_seconds": earlier + seconds,
                      "read_seconds": 0.0}
         in_memory = self.cache.kept_in_memory
-        self.cache.put(key, kept, earlier + seconds)
+        self.cache.put(key, kept, earlier + seconds, compute_seconds=seconds)
         if self.cache.kept_in_memory > in_memory:
             self.stats["cache_kept_in_memory"] += 1
 

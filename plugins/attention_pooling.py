@@ -79,7 +79,8 @@ class AttentionPooler:
         import torch
 
         self._ensure_query(batch.states.shape[-1], batch.states.device)
-        logits = batch.states.float() @ self.query.to(batch.states.device) / self.log_temperature.exp()
+        device = batch.states.device
+        logits = batch.states.float() @ self.query.to(device) / self.log_temperature.to(device).exp()
         return torch.softmax(logits.masked_fill(~batch.mask, float("-inf")), dim=1)
 
     def pool(self, batch: TokenStates) -> torch.Tensor:
@@ -115,16 +116,19 @@ class AttentionPooler:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.options.learning_rate)
         curve = {"loss": [], "heldout_spearman": []}
         best, best_state, stale = -np.inf, self._state(), 0
+        on_device = _PairIndex(train, device)  # everything per epoch stays on the training device
+        held_index = torch.as_tensor(held, device=device)
         for _ in range(self.options.epochs):
-            cosine = self._pair_cosines(train)
+            cosine = self._pair_cosines(train, on_device)
             i = positive[torch.randint(len(positive), (self.options.comparisons_per_step,), generator=generator).numpy()]
             j = negative[torch.randint(len(negative), (self.options.comparisons_per_step,), generator=generator).numpy()]
+            i, j = torch.as_tensor(i, device=device), torch.as_tensor(j, device=device)
             loss = torch.nn.functional.softplus(-(cosine[i] - cosine[j]) / self.options.scale).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                held_cosine = self._pair_cosines(train)[held].numpy()
+                held_cosine = self._pair_cosines(train, on_device)[held_index].cpu().numpy()
             rho = float(stats.spearmanr(held_cosine, labels[held].numpy()).statistic)
             curve["loss"].append(float(loss.detach()))
             curve["heldout_spearman"].append(rho)
@@ -137,14 +141,12 @@ class AttentionPooler:
         self._load(best_state)
         return curve
 
-    def _pair_cosines(self, train: PairTokenStates) -> torch.Tensor:
+    def _pair_cosines(self, train: PairTokenStates, index: "_PairIndex") -> torch.Tensor:
         import torch
 
-        pooled = torch.cat([self._pool(batch) for batch in train.batches]).cpu()
-        order = torch.cat([batch.sentence_index for batch in train.batches])
-        vectors = pooled.new_zeros(len(order), pooled.shape[1]).index_put((order,), pooled)
-        a, b = vectors[torch.as_tensor(train.a_index)], vectors[torch.as_tensor(train.b_index)]
-        return torch.nn.functional.cosine_similarity(a, b, dim=1)
+        pooled = torch.cat([self._pool(batch) for batch in train.batches])
+        vectors = pooled.new_zeros(len(index.order), pooled.shape[1]).index_put((index.order,), pooled)
+        return torch.nn.functional.cosine_similarity(vectors[index.a], vectors[index.b], dim=1)
 
     def learned(self) -> dict[str, torch.Tensor]:
         """What the harness saves as the run's artifact."""
@@ -157,6 +159,17 @@ class AttentionPooler:
         state = learned["attention_pooler"]
         self.query = torch.nn.Parameter(state["query"].detach().clone().float())
         self.log_temperature = torch.nn.Parameter(state["temperature"].detach().clone().float().log())
+
+
+class _PairIndex:
+    """The train pairs' sentence positions as tensors on the training device, made once per fit."""
+
+    def __init__(self, train: PairTokenStates, device):
+        import torch
+
+        self.order = torch.cat([batch.sentence_index for batch in train.batches]).to(device)
+        self.a = torch.as_tensor(train.a_index, device=device)
+        self.b = torch.as_tensor(train.b_index, device=device)
 
 
 @hookimpl

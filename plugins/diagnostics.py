@@ -35,10 +35,16 @@ def anisotropy(vectors: SentenceVectors, seed: int) -> float:
 
 
 def _singular_value_distribution(vectors: SentenceVectors) -> np.ndarray:
+    """Computed once per set of vectors: spectral entropy and effective rank both read it."""
     import torch
 
+    cached = getattr(vectors, "_singular_value_distribution", None)
+    if cached is not None and cached[0] is vectors.vectors:
+        return cached[1]
     s = torch.linalg.svdvals(vectors.vectors.double()).numpy()
-    return s / s.sum() if s.sum() > 0 else s
+    distribution = s / s.sum() if s.sum() > 0 else s
+    vectors._singular_value_distribution = (vectors.vectors, distribution)
+    return distribution
 
 
 def spectral_entropy(vectors: SentenceVectors, seed: int) -> float:
