@@ -11,7 +11,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from framework.errors import LayerprobeError
+from framework.errors import LayerprobeError, SweepStopped
 from framework.plugins import GROUPS, HARNESS_OPTIONS, KINDS, Registry, registry, unknown_name_message
 
 _SOURCE_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -169,6 +169,10 @@ def main() -> None:
         raise SystemExit(2)
     try:
         hydra_job()
+    except SweepStopped:
+        from framework.sweep import finish_sweep
+
+        raise SystemExit(finish_sweep("FAILED") or 2)
     except KeyboardInterrupt:
         from framework.sweep import interrupted
 

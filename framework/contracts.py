@@ -23,6 +23,7 @@ from framework.errors import LayerprobeError
 from framework.results import JobResult, write_atomic
 
 SWEEP_FILE = "layerprobe-sweep.json"
+STOP_FILE = "layerprobe-stop.json"  # written when every remaining job would fail the same way
 
 
 @dataclass
@@ -70,6 +71,18 @@ class SweepInfo:
             except (json.JSONDecodeError, TypeError, KeyError) as error:
                 print(f"layerprobe: warning: unreadable job result {path} ({error}); left out of the summary", file=sys.stderr)
         return sorted(found, key=lambda r: (r.job is None, r.job))
+
+    def stop(self, error: str, job: int | None) -> None:
+        """Tell every worker that the remaining jobs need not run (the first writer's reason stays)."""
+        if not (Path(self.dir) / STOP_FILE).exists():
+            write_atomic(Path(self.dir) / STOP_FILE, json.dumps({"error": error, "job": job}))
+
+    def stopped(self) -> str | None:
+        """Why the sweep was stopped, if it was."""
+        try:
+            return json.loads((Path(self.dir) / STOP_FILE).read_text(encoding="utf-8"))["error"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     def write_result(self, result: JobResult) -> None:
         write_atomic(self.results_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())

@@ -41,6 +41,10 @@ def run_job(cfg: DictConfig) -> None:
     except LayerprobeError as error:
         return _fail_before_start(error, multirun)
 
+    stopped = sweep.stopped() if sweep is not None else None
+    if stopped is not None:  # another job found an error every job would hit: not run, no run recorded
+        sweep.write_result(failed_result(job, "FAILED", f"not run: the sweep stopped ({stopped})"))
+        return
     try:
         with CLOCK.measure("tracking"):
             if cfg.get("resume") and _reuse(tracker, job) is not None:
@@ -58,6 +62,8 @@ def run_job(cfg: DictConfig) -> None:
     except LayerprobeError as error:
         if job.sweep is not None:
             job.sweep.write_result(failed_result(job, "FAILED", str(error)))
+            if error.settings and not any(_swept(setting, job.sweep) for setting in error.settings):
+                return stop_sweep(job, error)
         return _fail_before_start(error, multirun)
 
     try:
@@ -118,6 +124,27 @@ def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
         result.phases = CLOCK.totals()
         if job.sweep is not None:
             job.sweep.write_result(result)
+
+
+def _swept(setting: str, sweep) -> bool:
+    """Whether the sweep varies ``setting`` (a key, or a group whose keys it varies)."""
+    return any(key == setting or key.startswith(setting + ".") or setting.startswith(key + ".")
+               for key in swept_keys(sweep.overrides))
+
+
+def stop_sweep(job: JobInfo, error: LayerprobeError) -> None:
+    """An error from settings the sweep does not vary recurs in every job: stop the sweep here.
+
+    Other workers (joblib, submitit, Ray) find the stop file and run nothing; in the driver's own
+    process (Hydra's basic launcher) ``SweepStopped`` ends the sweep at once.
+    """
+    from framework.errors import SweepStopped
+    from framework.sweep import is_driver
+
+    job.sweep.stop(str(error), job.number)
+    print(f"layerprobe: error: {error} (every job of this sweep would fail the same way: stopping it)", file=sys.stderr, flush=True)
+    if is_driver(job.sweep):
+        raise SweepStopped(str(error))
 
 
 def _reuse(tracker, job: JobInfo) -> JobResult | None:

@@ -7,6 +7,7 @@ any tracked run exists); ``run_plan`` is the chain of stages. Tracking is not do
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import time
@@ -89,20 +90,44 @@ def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | N
     return run_plan(plan(cfg, registry, components))
 
 
+@contextlib.contextmanager
+def from_settings(*settings: str):
+    """Mark a ``LayerprobeError`` raised inside with the config settings it comes from (the
+    innermost mark wins): a sweep that does not vary them stops at its first job."""
+    try:
+        yield
+    except LayerprobeError as error:
+        if error.settings is None:
+            error.settings = settings
+        raise
+
+
 def plan(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None = None) -> JobPlan:
     """Every stage built and every option read from ``cfg`` once; one-line errors for bad ones."""
-    components = components or {}
-    dataset = components.get("dataset") or registry.build("dataset", cfg.dataset)
-    encoder = components.get("encoder") or shared_encoder(registry, cfg.encoder)
+    with from_settings("dataset", "data_root"):
+        dataset = (components or {}).get("dataset") or registry.build("dataset", cfg.dataset)
+    with from_settings("encoder"):
+        encoder = (components or {}).get("encoder") or shared_encoder(registry, cfg.encoder)
+        encoder.fingerprint()  # loads the model or vectors: a missing file or model is the encoder's error
+    with from_settings("encoder", "layer"):
+        layer = encoder.resolve_layer(cfg.get("layer"))
+    with from_settings("pooler", "postprocess", "metric", "dataset", "data_root", "seed"):
+        return _plan_stages(cfg, registry, components or {}, dataset, encoder, layer)
+
+
+def _plan_stages(cfg: DictConfig, registry: Registry, components: dict[str, Any], dataset, encoder, layer: Layer) -> JobPlan:
     cache = None
     if cfg.get("cache") and cfg.cache.get("enabled", True) and cache_token_states(encoder):
         cache = token_state_cache(cfg.cache.get("dir"), float(cfg.cache.get("max_gb", 8)))
         encoder = CachedEncoder(encoder, cache)
-    pooler = components.get("pooler") or registry.build("pooler", cfg.pooler)
+    with from_settings("pooler"):
+        pooler = components.get("pooler") or registry.build("pooler", cfg.pooler)
     # Vectors of a pooler given as an object are not cached: nothing says what it computes.
     pooler_identity = None if "pooler" in components else OmegaConf.to_yaml(cfg.pooler, resolve=True)
-    postprocessor = registry.build("postprocessor", cfg.postprocess) if cfg.get("postprocess") else None
-    metric_set = MetricSet.from_config(cfg.metric, registry)
+    with from_settings("postprocess"):
+        postprocessor = registry.build("postprocessor", cfg.postprocess) if cfg.get("postprocess") else None
+    with from_settings("metric"):
+        metric_set = MetricSet.from_config(cfg.metric, registry)
     split = Split(cfg.dataset.get("split", "validation"), cfg.dataset.get("limit"), "dataset.split")
     if not split.name:
         raise LayerprobeError("dataset.split is not set; e.g. dataset.split=validation")
@@ -122,7 +147,6 @@ def plan(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None 
         _check_split(dataset, postprocess_train)
     else:
         postprocessor = None
-    layer = encoder.resolve_layer(cfg.get("layer"))
     return JobPlan(dataset, encoder, pooler, postprocessor, metric_set, layer, split, int(cfg.seed),
                    int((cfg.get("error_analysis") or {}).get("k", 20)), pooler_train, postprocess_train,
                    str(cfg.postprocess.name) if cfg.get("postprocess") else "none", pooler_identity, cache)

@@ -28,6 +28,7 @@ from framework.errors import LayerprobeError
 from framework.phases import DRIVER
 
 EXIT_INTERRUPTED = 130
+EXIT_USAGE = 2
 
 
 # --- the driver's side ---------------------------------------------------------------------------
@@ -102,6 +103,8 @@ def finish_sweep(status: str | None = None) -> int:
     DRIVER.add("summary", time.perf_counter() - summary_started)
     sweep.phases = DRIVER.totals()
     sweep.save()
+    if sweep.stopped() is not None:
+        return EXIT_USAGE  # the job that stopped it said why, in one line
     if status == "KILLED":
         print(f"layerprobe: sweep interrupted; {sum(r.finished for r in results)} job(s) finished, "
               f"the rest did not run (resume=true reruns only those)", file=sys.stderr, flush=True)
@@ -110,6 +113,12 @@ def finish_sweep(status: str | None = None) -> int:
         print(f"layerprobe: {failed} job(s) of this sweep did not finish; their runs carry the error", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def is_driver(sweep: SweepInfo) -> bool:
+    """Whether this process started ``sweep`` (Hydra's basic launcher runs the jobs in it)."""
+    active = _ACTIVE.get("sweep")
+    return active is not None and active.id == sweep.id
 
 
 def interrupted() -> int:
