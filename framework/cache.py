@@ -120,7 +120,8 @@ class TokenStateCache:
         if recompute is not None and recompute < sum(_size(b) for b in batches) / DISK_BYTES_PER_SECOND:
             self.kept_in_memory += 1
             return
-        payload = {"batches": [{"states": b.states, "mask": b.mask, "index": b.sentence_index, "counts": dict(b.counts)} for b in batches],
+        payload = {"batches": [{"states": b.states.float().cpu(), "mask": b.mask.cpu(), "index": b.sentence_index.cpu(),
+                                "counts": dict(b.counts)} for b in batches],
                    "encode_seconds": encode_seconds}
         self._write(key, payload)
 
@@ -199,6 +200,12 @@ class TokenStateCache:
                           file=sys.stderr, flush=True)
 
 
+def _gpu_has_room(device, entry_bytes: float) -> bool:
+    """Keep an entry on the GPU only while the GPU has room for four more like it."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free > 4 * entry_bytes
+
+
 def _size(batch: TokenStates) -> int:
     return batch.states.numel() * batch.states.element_size()
 
@@ -259,11 +266,17 @@ class CachedEncoder:
         else:
             produced = self.encoder.encode(sentences, layer)
         kept, seconds = [], time.perf_counter() - started
+        on_device = None  # GPU states stay on the GPU in memory when it has room (no copy out and back)
         for batch, spent in timed(produced):
             seconds += spent
             if batch is None:
                 break
-            kept.append(TokenStates(batch.states.float().cpu(), batch.mask.cpu(), batch.sentence_index.cpu(), batch.counts))
+            if on_device is None:
+                on_device = batch.states.is_cuda and _gpu_has_room(batch.states.device, len(sentences) * _size(batch) / len(batch.states))
+            if on_device:
+                kept.append(TokenStates(batch.states, batch.mask, batch.sentence_index.cpu(), batch.counts))
+            else:
+                kept.append(TokenStates(batch.states.float().cpu(), batch.mask.cpu(), batch.sentence_index.cpu(), batch.counts))
             yield batch
         self.last = {"origin": "continued" if source is not None else "computed", "encode_seconds": earlier + seconds,
                      "read_seconds": 0.0}
