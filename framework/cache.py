@@ -87,12 +87,12 @@ class TokenStateCache:
         if not (path and path.is_file()):
             return None
         try:  # weights_only: tensors and plain containers only, never code
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(stored, dict):  # {"batches": [...], "encode_seconds": s}
-                if stored.get("encode_seconds") is not None:
-                    self.cost[key] = float(stored["encode_seconds"])
-                stored = stored["batches"]
-            batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored]
+            stored = _verified(torch.load(path, map_location="cpu", weights_only=True))
+            batches = [TokenStates(b["states"], b["mask"], b["index"], Counter(b["counts"])) for b in stored["batches"]]
+            if not batches:
+                raise ValueError("the entry holds no states")
+            if stored.get("encode_seconds") is not None:
+                self.cost[key] = float(stored["encode_seconds"])
         except Exception as error:  # damaged, truncated or foreign: recompute, never fail the job
             self.damaged += 1
             print(f"layerprobe: warning: token-state cache file {path} is unreadable ({type(error).__name__}: "
@@ -133,7 +133,7 @@ class TokenStateCache:
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(handle)
         try:
-            torch.save(payload, temporary)
+            torch.save({**payload, "checksum": checksum(payload)}, temporary)
             os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
         finally:
             Path(temporary).unlink(missing_ok=True)
@@ -148,9 +148,7 @@ class TokenStateCache:
         if path is None or not path.is_file():
             return None
         try:  # weights_only: tensors and plain containers only, never code
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(stored, dict):
-                raise ValueError("not a layerprobe cache entry")
+            stored = _verified(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as error:
             self.damaged += 1
             print(f"layerprobe: warning: cache file {path} is unreadable ({type(error).__name__}: {str(error)[:120]}); "
@@ -198,6 +196,42 @@ class TokenStateCache:
                     print(f"layerprobe: warning: the token cache ({self.folder}) is full at cache.max_gb={self.max_bytes / 2**30:g}: "
                           "it evicts entries this run wrote, so running it again recomputes them; raise cache.max_gb",
                           file=sys.stderr, flush=True)
+
+
+def checksum(tree) -> str:
+    """A digest of every tensor (dtype, shape, bytes) and value in a cache entry, in a fixed order:
+    written with the entry, checked on every read, so bytes changed on disk are never read as states."""
+    digest = hashlib.blake2b(digest_size=16)
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!s}".encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    visit(tree)
+    return digest.hexdigest()
+
+
+def _verified(stored) -> dict:
+    if not isinstance(stored, dict):
+        raise ValueError("not a layerprobe cache entry")
+    written = stored.pop("checksum", None)
+    if written is None:
+        raise ValueError("no checksum (written by an older layerprobe)")
+    if checksum(stored) != written:
+        raise ValueError("checksum mismatch: its bytes changed after it was written")
+    return stored
 
 
 def _gpu_has_room(device, entry_bytes: float) -> bool:

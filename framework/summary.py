@@ -136,9 +136,15 @@ def compact(header: list[str], body: list[list[str]], results: list[JobResult]) 
     return keep, [[row[i] for i in index] for row in body]
 
 
+def _cell(value) -> str:
+    """Text as a Markdown table cell: MLflow renders summary.md, so HTML is escaped, not run."""
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(header: list[str], body: list[list[str]]) -> str:
     def line(cells):
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
     return "\n".join([line(header), line(["---"] * len(header)), *map(line, body)]) + "\n"
 

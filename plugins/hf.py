@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import pickle
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,9 @@ class HFEncoder:
                 tokenizer = AutoTokenizer.from_pretrained(source, revision=self.options.revision)
                 dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
                 model = AutoModel.from_pretrained(source, revision=self.options.revision, dtype=dtype)
+            except pickle.UnpicklingError:  # torch.load(weights_only=True) refused something that is not plain tensors
+                raise LayerprobeError(f"encoder.model={self.options.model}: its weights file is a pickle that holds more than "
+                                      "tensors, so it was refused (loading it could run code); use a .safetensors checkpoint") from None
             except (OSError, ValueError) as error:
                 first = (str(error).splitlines() or [""])[0][:200]
                 raise LayerprobeError(f"encoder.model={self.options.model}: cannot load it with transformers ({first}); "

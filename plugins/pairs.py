@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,10 @@ class PairsDataset:
             a, b, label = row.get(o.sentence1), row.get(o.sentence2), row.get(o.label)
             if a is None or b is None:
                 skipped["missing_sentence"] += 1
+            elif not isinstance(a, str) or not isinstance(b, str):
+                column, value = (o.sentence1, a) if not isinstance(a, str) else (o.sentence2, b)
+                raise LayerprobeError(f"{source} ({split}) row {number}: column '{column}' holds {type(value).__name__} "
+                                      f"{str(value)[:40]!r}, not text; map the sentence columns with dataset.sentence1/sentence2")
             elif label is None or (isinstance(label, str) and label.strip() in ("", "-1")) or label == -1:
                 skipped["unlabelled"] += 1
             elif parse_label(label, True, "") is None:
@@ -172,20 +177,24 @@ def read_rows(path: Path, limit: int | None) -> tuple[list[tuple[int, dict | Non
         records = table.slice(0, limit).to_pylist() if limit is not None else table.to_pylist()
         return list(enumerate(records)), skipped, notes
     data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("utf-8-sig", errors="replace")
+    # Bytes that are not UTF-8 become lone surrogates here, so the rows that hold them (and only
+    # those: a literal U+FFFD in valid text is data) are counted, then given U+FFFD as usual.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     rows: list[tuple[int, dict | None]] = []
     for number, row in _records(text, kind, path, skipped):
         if limit is not None and len(rows) >= limit:
             break
-        if row is not None and any("\ufffd" in str(v) for v in row.values()):
+        if row is not None and any(isinstance(v, str) and INVALID_BYTES.search(v) for v in row.values()):
             notes["invalid_utf8_replaced"] += 1
+            row = {k: INVALID_BYTES.sub("\ufffd", v) if isinstance(v, str) else v for k, v in row.items()}
         rows.append((number, row))
     if not rows and not text.strip():
         raise LayerprobeError(f"{path} is empty")
     return rows, skipped, notes
+
+
+INVALID_BYTES = re.compile("[\udc80-\udcff]+")  # how errors="surrogateescape" decodes bytes that are not UTF-8
+csv.field_size_limit(2**31 - 1)  # a long sentence is data, as in JSONL or TSV (the default limit is 128 KiB)
 
 
 def _records(text: str, kind: str, path: Path, skipped: Counter) -> Iterator[tuple[int, dict | None]]:
@@ -214,6 +223,11 @@ def _records(text: str, kind: str, path: Path, skipped: Counter) -> Iterator[tup
     for fields in reader:
         if not fields or fields == [""]:
             continue
+        spanning = next((f for f in fields if "\n" in f), None)
+        if spanning is not None and kind == "csv":
+            raise LayerprobeError(
+                f"{path}: row {number} has a quoted field that runs over {spanning.count(chr(10)) + 1} lines — an unclosed "
+                f"quote (\"…) would merge the rows after it; close the quote, or write sentences with line breaks as JSON Lines")
         if len(fields) != len(header):
             skipped["wrong_field_count"] += 1
             yield number, None

@@ -30,7 +30,10 @@ class MLflowOptions:
 
 
 def local_folder(options: MLflowOptions) -> Path:
-    return Path(options.dir or "mlruns").expanduser().resolve()
+    try:
+        return Path(options.dir or "mlruns").expanduser().resolve()
+    except (RuntimeError, OSError) as error:  # a symlink loop (RuntimeError before Python 3.13, OSError ELOOP after)
+        raise LayerprobeError(f"tracking.dir={options.dir}: cannot resolve it ({error}); point tracking.dir at a real folder") from None
 
 
 def tracking_uri(options: MLflowOptions) -> str:
@@ -83,6 +86,9 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
             except Timeout:
                 raise LayerprobeError(f"{database}: another process held its creation lock for {LOCK_TIMEOUT_SECONDS} s; "
                                       f"remove {database}.lock if no layerprobe process is running") from None
+            except OSError as error:  # a read-only filesystem, a missing folder, no permission
+                raise LayerprobeError(f"{database}: cannot open it for writing ({error.strerror or error}); "
+                                      "set tracking.uri to a writable location or an MLflow server") from None
         client = MlflowClient(uri)
         return client, _experiment_id(client, experiment, artifact_folder)
     except MlflowException as error:

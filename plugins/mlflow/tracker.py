@@ -34,6 +34,7 @@ VIEW_KEY = "layerprobe"  # the saved runs-table view: …/runs?viewStateShareKey
 
 class MLflowTracker:
     def __init__(self, options: MLflowOptions):
+        check_experiment_name(options.experiment)
         self.options = options
         self._runs: dict[int, str] = {}
         self._monitors: dict[int, object] = {}
@@ -246,6 +247,8 @@ class MLflowTracker:
         from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(self.options) if self.options.uri else None
+        if uri is not None and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+            raise LayerprobeError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; a report reads a store, it never creates one")
         if uri is None:
             database = local_folder(self.options) / "mlflow.db"
             if not database.is_file():
@@ -269,6 +272,14 @@ class MLflowTracker:
             token = page.token
             if not token or len(runs) >= max_results:
                 return runs[:max_results]
+
+
+def check_experiment_name(name: str | None) -> None:
+    """An experiment name is a name, never a path: artifacts go under ``<tracking.dir>/artifacts/<name>``."""
+    text = str(name or "")
+    if not text.strip() or "/" in text or "\\" in text or text in (".", "..") or text.startswith("~") or "\0" in text:
+        raise LayerprobeError(f"tracking.experiment={text!r} is not a plain name (it must not be empty or contain '/', '\\', "
+                              "'..' or start with '~'); e.g. tracking.experiment=rwkv-layers")
 
 
 def result_of_run(run, client, with_scores: bool = False) -> JobResult:
