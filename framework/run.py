@@ -165,7 +165,7 @@ def run_plan(job: JobPlan) -> Evaluation:
     metric_set, notes = job.metric_set.for_labels(pairs.label_kind)
     fitted = fit_pooler(job)
     postprocessor, postprocess_learned, fit_costs = fit_postprocessor(job, notes)
-    calibration = calibrate(job, metric_set, pairs, postprocessor, notes)
+    calibration, calibration_seconds = calibrate(job, metric_set, pairs, postprocessor, notes)
 
     started = time.perf_counter()
     scores, embedding = score_pairs(pairs, job.encoder, job.pooler, job.layer, postprocessor, job.pooler_identity)
@@ -188,6 +188,8 @@ def run_plan(job: JobPlan) -> Evaluation:
         "pairs_per_second": len(pairs) / producing if producing > 0 else float("inf"),
         "tokens_per_second": tokens / embedding.encode_seconds if embedding.encode_seconds else float("inf"),
     }
+    if calibration is not None:  # producing the calibration split's states: work the evaluated split did not need
+        timings["calibration_encode_seconds"] = calibration_seconds
     if fitted.fit_seconds is not None or fit_costs:
         timings["fit_seconds"] = (fitted.fit_seconds or 0.0) + fit_costs.get("fit_seconds", 0.0)
         timings["fit_encode_seconds"] = fitted.encode_seconds + fit_costs.get("encode_seconds", 0.0)
@@ -288,20 +290,22 @@ def fit_postprocessor(job: JobPlan, notes: list[str]):
     return job.postprocessor, ({f"postprocess_{job.postprocess_name}": fitted} if fitted else {}), costs
 
 
-def calibrate(job: JobPlan, metric_set: MetricSet, pairs: PairSet, postprocessor, notes: list[str]) -> PairScores | None:
-    """Scores of the calibration split, for the thresholds of accuracy/F1 (None when not needed)."""
+def calibrate(job: JobPlan, metric_set: MetricSet, pairs: PairSet, postprocessor, notes: list[str]):
+    """Scores of the calibration split, for the thresholds of accuracy/F1 (None when not needed),
+    and what producing its states cost."""
     if metric_set.needs_calibration and metric_set.calibration_split not in job.dataset.splits:
         notes.append(f"no {metric_set.calibration_split} split to calibrate thresholds on: accuracy/F1 not computed")
-        return None
+        return None, 0.0
     if metric_set.needs_calibration:
         calibration_pairs = _load_split(job.dataset, Split(metric_set.calibration_split, metric_set.calibration_limit,
                                                            "metric.calibration_split"))
         if calibration_pairs.split == job.split.name:
             notes.append(f"thresholds fit on the evaluated split itself ({job.split.name}): in-sample accuracy/F1")
-        return score_pairs(calibration_pairs, job.encoder, job.pooler, job.layer, postprocessor, job.pooler_identity)[0]
+        scores, embedding = score_pairs(calibration_pairs, job.encoder, job.pooler, job.layer, postprocessor, job.pooler_identity)
+        return scores, embedding.encode_seconds
     if any(m.calibrated for m in metric_set.metrics):
         notes.append("no metric.calibration_split: accuracy/F1 need a train-calibrated threshold and were not computed")
-    return None
+    return None, 0.0
 
 
 @functools.lru_cache(maxsize=2)
