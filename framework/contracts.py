@@ -72,6 +72,14 @@ class SweepInfo:
                 print(f"layerprobe: warning: unreadable job result {path} ({error}); left out of the summary", file=sys.stderr)
         return sorted(found, key=lambda r: (r.job is None, r.job))
 
+    @property
+    def unrecorded_dir(self) -> Path:
+        return Path(self.dir) / "unrecorded" / self.id
+
+    def keep_unrecorded(self, result: JobResult) -> None:
+        """A computed result the tracker failed to record, kept whole (scores included)."""
+        write_atomic(self.unrecorded_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())
+
     def stop(self, error: str, job: int | None) -> None:
         """Tell every worker that the remaining jobs need not run (the first writer's reason stays)."""
         if not (Path(self.dir) / STOP_FILE).exists():

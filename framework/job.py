@@ -58,7 +58,14 @@ def run_job(cfg: DictConfig) -> None:
         with CLOCK.measure("setup"):
             job_plan = plan(cfg, plugins)  # every option checked before a run exists: bad input leaves no FAILED run
         with CLOCK.measure("tracking"):
-            tracker.start_job(job)
+            try:
+                tracker.start_job(job)
+            except LayerprobeError:
+                raise
+            except Exception as error:
+                if _store_gone(tracker, job, error):
+                    return
+                raise
     except LayerprobeError as error:
         if job.sweep is not None:
             job.sweep.write_result(failed_result(job, "FAILED", str(error)))
@@ -118,12 +125,38 @@ def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
             tracker.end_job(job, result, evaluation)
     except Exception as error:
         if result.status == "FINISHED":
+            if job.sweep is not None:
+                job.sweep.keep_unrecorded(result)  # the computed result, with its per-pair scores
             result = failed_result(job, "FAILED", f"the tracker could not record this job's end ({type(error).__name__}: {error})")
+        _write_result(job, result)
+        _store_gone(tracker, job, error)
         raise
-    finally:
-        result.phases = CLOCK.totals()
-        if job.sweep is not None:
-            job.sweep.write_result(result)
+    _write_result(job, result)
+
+
+def _write_result(job: JobInfo, result: JobResult) -> None:
+    result.phases = CLOCK.totals()
+    if job.sweep is not None:
+        job.sweep.write_result(result)
+
+
+def _store_gone(tracker, job: JobInfo, error: Exception) -> bool:
+    """After a failed tracker call: if the store is out of reach (a server that stopped answering),
+    every later job would fail the same way, so the sweep stops, in one line. Returns whether it did."""
+    from framework.errors import SweepStopped
+    from framework.stages import CheckedTracker
+    from framework.sweep import is_driver
+
+    reason = tracker.unavailable() if isinstance(tracker, CheckedTracker) else None
+    if reason is None or job.sweep is None:
+        return False
+    message = f"the tracker stopped answering ({reason})"
+    job.sweep.stop(message, job.number)
+    kept = f"; computed results it did not record are kept in {job.sweep.unrecorded_dir}" if any(job.sweep.unrecorded_dir.glob("*.json")) else ""
+    print(f"layerprobe: error: {message}: stopping the sweep{kept}", file=sys.stderr, flush=True)
+    if is_driver(job.sweep):
+        raise SweepStopped(message) from None
+    return True
 
 
 def _swept(setting: str, sweep) -> bool:

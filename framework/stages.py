@@ -109,6 +109,15 @@ class Tracker(Protocol):
 
 
 @runtime_checkable
+class CheckedTracker(Protocol):
+    """Optional: a tracker that can tell, after a failed call, that its store is out of reach."""
+
+    def unavailable(self) -> str | None:
+        """Why the store cannot be reached now (e.g. its server stopped answering), or None. A job
+        whose record fails this way stops the sweep: every later job would fail the same way."""
+
+
+@runtime_checkable
 class ResumingTracker(Protocol):
     """Optional: a tracker that can hand back an earlier finished job, for ``resume=true``."""
 

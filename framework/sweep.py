@@ -93,12 +93,16 @@ def finish_sweep(status: str | None = None) -> int:
     results = sweep.results()
     failed = sum(not r.finished for r in results)
     status = status or ("FAILED" if failed else "FINISHED")
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        files = write_summary_files(results, Path(folder), OmegaConf.to_container(config.get("summary") or {}, resolve=True))
-        print_summary(results, files, sweep, status)
+    folder = Path(sweep.dir) / "summary"  # kept beside the jobs' results, also when the tracker is gone
+    folder.mkdir(parents=True, exist_ok=True)
+    files = write_summary_files(results, folder, OmegaConf.to_container(config.get("summary") or {}, resolve=True))
+    print_summary(results, files, sweep, status)
+    try:
         tracker.end_sweep(sweep, results, files, status)
+    except Exception as error:
+        print(f"layerprobe: error: the tracker could not record the sweep's end ({type(error).__name__}: "
+              f"{(str(error).splitlines() or [''])[0][:200]}); its summary is in {folder}", file=sys.stderr, flush=True)
+        sweep.stop(f"the tracker could not record the sweep's end: {error}", None)
     sweep.status = status
     DRIVER.add("summary", time.perf_counter() - summary_started)
     sweep.phases = DRIVER.totals()

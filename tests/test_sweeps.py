@@ -561,3 +561,29 @@ def test_a_worker_without_the_sweep_file_still_finds_the_parent(tmp_path):
     parent = tracker.start_sweep(sweep)["parent_run_id"]
     stand_in = SweepInfo("", sweep.dir, [], 0.0, "", 0, "")
     assert tracker._parent(stand_in) == parent
+
+
+def test_a_tracking_server_that_dies_mid_sweep_stops_it_in_seconds_and_keeps_the_result(tmp_path, tiny_mrpc, testkit_env):
+    """Bounded retries (seconds, not minutes), one line naming the server, exit 2, and the computed
+    result of the job whose end could not be recorded kept on local disk with its per-pair scores."""
+    gate, server_dir = tmp_path / "gate", tmp_path / "srv"
+    gate.touch()
+    server_dir.mkdir()
+    server = serve_mlflow(server_dir, f"sqlite:///{server_dir / 'server' / 'mlflow.db'}")
+    uri = next(server)
+    sweep = gated_sweep(tmp_path / "mlruns", gate, tiny_mrpc, testkit_env, f"tracking.uri={uri}",
+                        f"tracking.dir={tmp_path / 'local'}")
+    wait_for(lambda: len(list((tmp_path / "local").glob("hydra/*/*/results/*/*.json"))) >= 2)
+    time.sleep(1.0)  # job 2 waits at the gate, its run started on the server
+    server.close()  # the server goes away (SIGTERM to its process group) ...
+    gate.unlink()  # ... and job 2 finishes its work
+    started = time.monotonic()
+    out, err = sweep.communicate(timeout=240)
+    assert time.monotonic() - started < 90, "retried for too long"
+    assert sweep.returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("layerprobe: error:")]
+    assert any("the tracker stopped answering" in line and uri in line and "stopping the sweep" in line for line in lines), err[-3000:]
+    (kept,) = list((tmp_path / "local").glob("hydra/*/*/unrecorded/*/*.json"))
+    result = json.loads(kept.read_text())
+    assert result["status"] == "FINISHED" and len(result["scores"]["scores"]) == result["metrics"]["n_pairs"] > 0
+    assert list((tmp_path / "local").glob("hydra/*/*/summary/summary.md"))

@@ -27,6 +27,8 @@ class MLflowOptions:
     dir: str = "mlruns"  # the local store: mlflow.db and artifacts/ (and, by default, the token cache and Hydra's logs)
     experiment: str = "layerprobe"
     system_metrics: bool = True  # CPU, memory, disk, network (and GPU, with nvidia-ml-py) while a job runs
+    http_timeout: int = 10  # seconds per request to a tracking server (MLflow's default: 120)
+    http_retries: int = 2  # retries of a failed request (MLflow's default: 7, with backoff: minutes per call)
 
 
 def local_folder(options: MLflowOptions) -> Path:
@@ -114,7 +116,16 @@ def _experiment_id(client, name: str, artifact_folder: str | None) -> str:
         return found.experiment_id
 
 
+def bound_server_retries(options: MLflowOptions) -> None:
+    """A gone server costs seconds, not minutes: MLflow's retries, bounded (unless set in the environment)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(options.http_timeout)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(options.http_retries)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 def store_for(options: MLflowOptions):
     uri = tracking_uri(options)
+    if uri.startswith(("http://", "https://")):
+        bound_server_retries(options)
     artifacts = None if options.uri else str(local_folder(options) / "artifacts")
     return open_store(uri, str(options.experiment or "layerprobe"), artifacts)

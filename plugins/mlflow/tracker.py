@@ -96,6 +96,17 @@ class MLflowTracker:
                 "orderByKey": "attributes.start_time", "orderByAsc": False}
         self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
 
+    def unavailable(self) -> str | None:
+        """Why the store cannot be reached now (a tracking server that stopped answering), or None."""
+        uri = self.options.uri
+        if not uri or not str(uri).startswith(("http://", "https://")):
+            return None
+        try:
+            check_server(str(uri), timeout=5)
+        except LayerprobeError as error:
+            return str(error)
+        return None
+
     def view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         return f"{ui}/#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
