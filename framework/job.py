@@ -66,6 +66,8 @@ def run_job(cfg: DictConfig) -> None:
                 if _store_gone(tracker, job, error):
                     return
                 raise
+        if job.sweep is not None:  # a placeholder until the job's end is written: a worker killed outright
+            job.sweep.write_result(failed_result(job, "RUNNING", ""))  # still shows in the sweep's summary
     except LayerprobeError as error:
         if job.sweep is not None:
             job.sweep.write_result(failed_result(job, "FAILED", str(error)))

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from framework.contracts import SWEEP_FILE, JobInfo, SweepInfo, process_identity, process_is_alive, process_start_time  # noqa: F401
 from framework.errors import LayerprobeError
 from framework.phases import DRIVER
+from framework.results import JobResult
 
 EXIT_INTERRUPTED = 130
 EXIT_USAGE = 2
@@ -90,7 +91,7 @@ def finish_sweep(status: str | None = None) -> int:
     sweep, config, tracker = _ACTIVE["sweep"], _ACTIVE["config"], _ACTIVE["tracker"]
     _ACTIVE.clear()
     summary_started = time.perf_counter()
-    results = sweep.results()
+    results = settled(sweep.results())
     failed = sum(not r.finished for r in results)
     status = status or ("FAILED" if failed else "FINISHED")
     folder = Path(sweep.dir) / "summary"  # kept beside the jobs' results, also when the tracker is gone
@@ -123,6 +124,16 @@ def is_driver(sweep: SweepInfo) -> bool:
     """Whether this process started ``sweep`` (Hydra's basic launcher runs the jobs in it)."""
     active = _ACTIVE.get("sweep")
     return active is not None and active.id == sweep.id
+
+
+def settled(results: list[JobResult]) -> list[JobResult]:
+    """At the sweep's end, a job still RUNNING in the sweep folder was killed before it could write
+    its end (a launcher's worker terminated on Ctrl-C, a lost node): it counts as KILLED, as the
+    tracker then records its run, never as missing."""
+    for result in results:
+        if result.status == "RUNNING":
+            result.status, result.error = "KILLED", "the sweep ended while this job was still running (interrupted or killed)"
+    return results
 
 
 def interrupted() -> int:

@@ -41,3 +41,20 @@ def test_jobs_record_where_their_seconds_went(run_cli, tiny_mrpc, tiny_vectors, 
     for job in jobs:
         assert {"setup", "data", "encode", "pool", "metrics", "tracking"} <= set(job["phases"])
         assert all(seconds >= 0 for seconds in job["phases"].values())
+
+
+def test_a_job_killed_before_writing_its_end_counts_as_killed_in_the_summary(tmp_path):
+    """A launcher's worker terminated outright leaves its RUNNING placeholder: KILLED, not missing."""
+    from framework.contracts import SweepInfo
+    from framework.results import JobResult
+    from framework.summary import summary_table
+    from framework.sweep import settled
+
+    sweep = SweepInfo("s1", str(tmp_path), ["pooler=mean,max"], 0.0, "host", 1, "host:1:")
+    label = {"encoder": "glove", "pooler": "mean", "dataset": "mrpc", "split": "validation", "layer": "-", "postprocess": "none"}
+    sweep.write_result(JobResult("FINISHED", "a", {}, label, {"spearman": 0.3}, ["spearman"], 0))
+    sweep.write_result(JobResult("RUNNING", "b", {}, {**label, "pooler": "max"}, {}, ["spearman"], 1))
+    results = settled(sweep.results())
+    assert [r.status for r in results] == ["FINISHED", "KILLED"]
+    header, body = summary_table(results)
+    assert body[1][-1].startswith("KILLED: the sweep ended while this job was still running")
