@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -174,6 +175,12 @@ def run_plan(job: JobPlan) -> Evaluation:
         vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
         metrics = metric_set.compute(scores, calibration, job.seed, vectors)
         mistakes = confident_mistakes(scores, job.mistakes)
+    undefined = [m.name for m in metrics if not np.isfinite(m.value)]
+    if undefined:  # said in the run's notes and on stderr, never logged silently (and with no CI beside it)
+        note = (f"{', '.join(undefined)} undefined (NaN) on these {len(pairs)} pairs: constant or non-finite scores or "
+                "labels (e.g. a layer whose vectors are all alike, or sentences with no known token)")
+        notes.append(note)
+        print(f"layerprobe: warning: {note}", file=sys.stderr, flush=True)
 
     if isinstance(job.encoder, CachedEncoder):
         embedding.encoder_counts.update(job.encoder.stats)

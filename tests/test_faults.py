@@ -155,3 +155,17 @@ def test_a_symlink_loop_as_tracking_dir_is_one_line(run_cli, tmp_path, tiny_mrpc
                      f"hydra.run.dir={tmp_path / 'hydra'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-1500:]
     assert len(result.error_lines) == 1 and "tracking.dir" in result.error_lines[0]
+
+
+def test_a_metric_that_is_undefined_on_real_data_is_said(capsys, tmp_path):
+    """Sentences with no known word: every score is the same, Spearman is NaN, and the run says so."""
+    from framework.api import evaluate
+    from conftest import write_glove_text
+
+    vectors = write_glove_text(tmp_path / "vectors.txt")
+    pairs = [("zzz qqq", "xxx yyy", 1), ("www vvv", "uuu ttt", 0), ("sss rrr", "ppp ooo", 1), ("nnn mmm", "lll kkk", 0)]
+    result = evaluate({"name": "glove", "vectors": str(vectors)}, "mean", pairs=pairs, metrics=["spearman"])
+    value = result.metric("spearman")
+    assert np.isnan(value.value) and value.ci_low is None
+    assert any("spearman undefined (NaN)" in note for note in result.notes)
+    assert "spearman undefined (NaN)" in capsys.readouterr().err
