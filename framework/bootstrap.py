@@ -37,26 +37,9 @@ def resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
 
 
 class TieGroups:
-    """``values`` sorted once into groups of equal values: the basis of ranks under any weights.
-
-    ``TieGroups.of`` shares one per array: several metrics sort the same scores.
-    """
-
-    _shared: dict[tuple[int, bool], "TieGroups"] = {}
-
-    @classmethod
-    def of(cls, values: np.ndarray, descending: bool = False) -> "TieGroups":
-        key = (id(values), descending)
-        found = cls._shared.get(key)
-        if found is None or found.values is not values or found.digest != _digest(values):  # changed in place
-            if len(cls._shared) >= 8:
-                cls._shared.clear()
-            found = cls._shared[key] = cls(values, descending)
-        return found
+    """``values`` sorted once into groups of equal values: the basis of ranks under any weights."""
 
     def __init__(self, values: np.ndarray, descending: bool = False):
-        self.values = values  # held, so the id that ``of`` keys on stays this array's
-        self.digest = _digest(values)
         values = np.asarray(values, dtype=np.float64)
         self.order = np.argsort(-values if descending else values, kind="stable")
         ordered = values[self.order]
@@ -72,17 +55,6 @@ class TieGroups:
             return np.zeros((weights.shape[0], 0))
         return np.add.reduceat(weights[:, self.order], self.starts, axis=1)
 
-    def ranks(self, counts: np.ndarray) -> np.ndarray:
-        """Average ranks (1-based, ties share their mean rank) of every item within each resample."""
-        group = self.totals(counts)
-        average = np.cumsum(group, axis=1) - (group - 1) / 2
-        return average[:, self.group_of_item]
-
-
-def _digest(values: np.ndarray) -> bytes:
-    import hashlib
-
-    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=16).digest()
 
 
 def rank_correlation(scores: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -92,7 +64,7 @@ def rank_correlation(scores: np.ndarray, labels: np.ndarray) -> Callable[[np.nda
     then group sums, and only the cross term visits every pair. Centred average ranks are
     multiples of 1/2, so every sum is exact in float64 for any realistic n.
     """
-    by_score, by_label = TieGroups.of(scores), TieGroups.of(labels)
+    by_score, by_label = TieGroups(scores), TieGroups(labels)
 
     def of(counts: np.ndarray) -> np.ndarray:
         middle = (counts.sum(axis=1, keepdims=True) + 1) / 2

@@ -281,11 +281,18 @@ class CachedEncoder:
         yield from batches
 
     def _get(self, key: str) -> list[TokenStates] | None:
+        return self._counting_damage(self.cache.get, key)
+
+    def entry(self, key: str, prefix: str) -> dict | None:
+        """A pooled-vector or fitted-pooler entry, its damage counted in ``stats`` like token states'."""
+        return self._counting_damage(self.cache.get_entry, key, prefix)
+
+    def _counting_damage(self, read, *arguments):
         damaged = self.cache.damaged
-        batches = self.cache.get(key)
+        found = read(*arguments)
         if self.cache.damaged > damaged:
             self.stats["cache_damaged"] += self.cache.damaged - damaged
-        return batches
+        return found
 
     def _compute(self, fingerprint: str, key: str, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         self.stats["cache_misses"] += 1

@@ -82,7 +82,7 @@ def register_metrics(register):
     Optional, for speed (the bootstrap evaluates a metric on 1,000 resamples): ``batched=prepare``
     where ``prepare(scores, labels)`` returns ``f(counts) -> array[rows]``, the metric of every
     resample at once (``counts[r, i]``: how often resample r drew pair i; ``framework.bootstrap``
-    has sorted-once tie groups, ranks and correlations); a calibrated metric may give
+    has sorted-once tie groups and rank and linear correlations); a calibrated metric may give
     ``confusion=f(tp, fp, fn, tn) -> array`` instead, used for the threshold search and the
     resamples. Without them the scalar function is called once per resample (same numbers, slower).
     """

@@ -229,7 +229,7 @@ def fit_pooler(job: JobPlan) -> Fitted:
     key = _fit_key(job, train)
     restore = getattr(job.pooler, "restore", None)
     if key is not None and callable(restore):
-        stored = job.cache.get_entry(key, FITTED)
+        stored = job.encoder.entry(key, FITTED)
         if stored is not None:
             restore(stored["learned"])
             job.pooler_identity = _learned_identity(job, stored["learned"])
@@ -409,27 +409,19 @@ def embed(sentences: Sequence[str], encoder, pooler, layer: Layer, pooler_identi
     if cache is not None and cache.folder is not None and pooler_identity is not None:
         started = time.perf_counter()
         key = cache.key(f"{encoder.fingerprint()}|pooled|{pooler_identity}", layer.index, sentences)
-        stored = cache.get_entry(key, POOLED)
-        if stored is not None and _pooled_entry_fits(stored, len(sentences)):
+        stored = encoder.entry(key, POOLED)
+        if stored is not None:  # its checksum was verified on read
             read = time.perf_counter() - started
             encoder.stats["cache_hits"] += 1
             encoder.stats["cache_hits_pooled"] += 1
             CLOCK.add("cache_read", read)
             return Embedding(stored["vectors"], Counter(stored["counts"]), float(stored["encode_seconds"]), float(stored["pool_seconds"]),
                              origin="cache", read_seconds=read, waited_seconds=read, replayed_seconds=float(stored["pool_seconds"]))
-        if stored is not None:
-            encoder.stats["cache_damaged"] += 1
     embedding = _encode_and_pool(sentences, encoder, pooler, layer)
     if key is not None:
         cache.put_entry(key, POOLED, {"vectors": embedding.vectors, "counts": dict(embedding.encoder_counts),
                                       "encode_seconds": embedding.encode_seconds, "pool_seconds": embedding.pool_seconds})
     return embedding
-
-
-def _pooled_entry_fits(stored: dict, count: int) -> bool:
-    vectors = stored.get("vectors")
-    return vectors is not None and getattr(vectors, "dim", lambda: 0)() == 2 and vectors.shape[0] == count and bool(
-        vectors.isfinite().all() or not vectors.numel())
 
 
 def _encode_and_pool(sentences: Sequence[str], encoder, pooler, layer: Layer) -> Embedding:

@@ -73,7 +73,7 @@ pearson_batched = finite_only(linear_correlation)
 def roc_auc_batched(scores: np.ndarray, labels: np.ndarray):
     """Mann-Whitney U from the resample's average ranks: the trapezoidal ROC area, ties counting half."""
     positive = (labels > 0.5).astype(np.float64)
-    by_score = TieGroups.of(scores)
+    by_score = TieGroups(scores)
 
     def of(counts: np.ndarray) -> np.ndarray:
         drawn_positive = counts @ positive
@@ -93,7 +93,7 @@ def roc_auc_batched(scores: np.ndarray, labels: np.ndarray):
 def average_precision_batched(scores: np.ndarray, labels: np.ndarray):
     """Σ (recall step) × precision over the resample's distinct scores, highest first."""
     positive = (labels > 0.5).astype(np.float64)
-    by_score = TieGroups.of(scores, descending=True)
+    by_score = TieGroups(scores, descending=True)
 
     def of(counts: np.ndarray) -> np.ndarray:
         true_step = by_score.totals(counts * positive)

@@ -169,3 +169,22 @@ def test_a_metric_that_is_undefined_on_real_data_is_said(capsys, tmp_path):
     assert np.isnan(value.value) and value.ci_low is None
     assert any("spearman undefined (NaN)" in note for note in result.notes)
     assert "spearman undefined (NaN)" in capsys.readouterr().err
+
+
+def test_a_damaged_pooled_vector_entry_is_counted_and_recomputed(tmp_path, capsys):
+    from framework.run import embed
+    from plugins.pooling import MeanPooler
+
+    def embedded():
+        encoder = CachedEncoder(CountingEncoder(), TokenStateCache(str(tmp_path), 1.0))
+        return encoder, embed(["a", "b", "c"], encoder, MeanPooler(), Layer(), "name: mean")
+
+    _, first = embedded()
+    (path,) = tmp_path.glob("pooled-*.pt")
+    path.write_bytes(path.read_bytes()[:-40])  # truncated
+    encoder, again = embedded()
+    assert encoder.stats["cache_damaged"] == 1 and "cache_hits_pooled" not in encoder.stats
+    assert torch.equal(first.vectors, again.vectors)
+    encoder, third = embedded()
+    assert encoder.stats["cache_hits_pooled"] == 1 and third.origin == "cache" and torch.equal(first.vectors, third.vectors)
+    assert "unreadable" in capsys.readouterr().err
