@@ -188,3 +188,21 @@ def test_a_damaged_pooled_vector_entry_is_counted_and_recomputed(tmp_path, capsy
     encoder, third = embedded()
     assert encoder.stats["cache_hits_pooled"] == 1 and third.origin == "cache" and torch.equal(first.vectors, third.vectors)
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_a_fitted_pooler_entry_with_scalar_tensors_round_trips(tmp_path):
+    """What the attention pooler learned (a query and a 0-dimensional temperature) is written and
+    read back whole: the checksum covers tensors of every shape."""
+    from plugins.attention_pooling import AttentionOptions, AttentionPooler
+
+    pooler = AttentionPooler(AttentionOptions())
+    pooler._ensure_query(16, "cpu")
+    learned = pooler.learned()
+    cache = TokenStateCache(str(tmp_path), 1.0)
+    cache.put_entry("k", "fitted-", {"learned": learned, "curve": {"loss": [0.5]}, "fit_seconds": 1.0, "encode_seconds": 0.1})
+    stored = cache.get_entry("k", "fitted-")
+    assert cache.damaged == 0 and stored["curve"] == {"loss": [0.5]}
+    assert torch.equal(stored["learned"]["attention_pooler"]["temperature"], learned["attention_pooler"]["temperature"])
+    restored = AttentionPooler(AttentionOptions())
+    restored.restore(stored["learned"])
+    assert torch.equal(restored.query, pooler.query)
