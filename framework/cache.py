@@ -16,8 +16,10 @@ truncated file is reported, deleted and recomputed, never fatal.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +66,7 @@ class TokenStateCache:
         self.written: set[Path] = set()  # files this process wrote: evicting one means the cache is too small
         self.evicted_own = 0
         self.kept_in_memory = 0  # entries not written to disk (cheaper to recompute than to read back)
+        self.unwritable: str | None = None  # why the folder took no more writes (a full disk): memory only from then on
 
     @staticmethod
     def key(fingerprint: str, layer_index: int | None, sentences: Sequence[str]) -> str:
@@ -126,17 +129,24 @@ class TokenStateCache:
         self._write(key, payload)
 
     def _write(self, key: str, payload: dict, prefix: str = "") -> None:
+        """Write an entry whole or not at all. A folder that refuses writes (a full disk, a read-only
+        mount) turns the cache into a memory-only one, said once: the job's result never depends on it."""
         path = self._path(prefix + key)
-        if path is None:
+        if path is None or self.unwritable is not None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
+        temporary = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            os.close(handle)
             torch.save({**payload, "checksum": checksum(payload)}, temporary)
             os.replace(temporary, path)  # atomic: concurrent jobs never read half a file
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            self._refuse_writes(path.parent, _said_plainly(error, path, payload))
+            return
         finally:
-            Path(temporary).unlink(missing_ok=True)
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
         self.written.add(path)
         self._evict()
 
@@ -164,12 +174,34 @@ class TokenStateCache:
 
     def computing(self, key: str):
         """A lock held while the states of ``key`` are computed, across processes (no-op in memory only)."""
-        if self.folder is None:
+        if self.folder is None or self.unwritable is not None:
             return contextlib.nullcontext()
         from filelock import FileLock
 
-        (self.folder / "locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.folder / "locks" / f"{key}.lock"))
+        try:
+            (self.folder / "locks").mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            self._refuse_writes(self.folder, error)
+            return contextlib.nullcontext()
+        return self._locked(FileLock(str(self.folder / "locks" / f"{key}.lock")))
+
+    def _refuse_writes(self, folder: Path, error: Exception) -> None:
+        self.unwritable = f"{type(error).__name__}: {str(error)[:160]}"
+        print(f"layerprobe: warning: cannot write to the cache folder {folder} ({self.unwritable}); caching in memory "
+              "only from here on (free space there, or set cache.dir elsewhere)", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def _locked(self, lock):
+        try:
+            lock.acquire()
+        except OSError as error:  # a read-only or full folder cannot hold the lock file: compute unlocked
+            self._refuse_writes(self.folder, error)
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _remember(self, key: str, batches: list[TokenStates]) -> None:
         self.memory[key] = batches
@@ -196,6 +228,31 @@ class TokenStateCache:
                     print(f"layerprobe: warning: the token cache ({self.folder}) is full at cache.max_gb={self.max_bytes / 2**30:g}: "
                           "it evicts entries this run wrote, so running it again recomputes them; raise cache.max_gb",
                           file=sys.stderr, flush=True)
+
+
+def _said_plainly(error: Exception, path: Path, payload: dict) -> Exception:
+    """torch.save's failed write ("enforce fail at inline_container.cc") as what it was, when the
+    folder has less room than the entry needs: a full disk."""
+    if isinstance(error, OSError):
+        return error
+    need = sum(t.numel() * t.element_size() for t in _tensors(payload))
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(path.parent).free
+        if free < need:
+            return OSError(errno.ENOSPC, f"No space left on device ({free / 2**20:.1f} MiB free for an entry of "
+                                         f"{need / 2**20:.1f} MiB)", str(path))
+    return error
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)
 
 
 def checksum(tree) -> str:

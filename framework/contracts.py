@@ -24,6 +24,7 @@ from framework.results import JobResult, write_atomic
 
 SWEEP_FILE = "layerprobe-sweep.json"
 STOP_FILE = "layerprobe-stop.json"  # written when every remaining job would fail the same way
+UNRECORDED = "unrecorded"  # <output folder>/unrecorded/<config hash>.json: results a tracker failed to record
 
 
 @dataclass
@@ -72,14 +73,6 @@ class SweepInfo:
                 print(f"layerprobe: warning: unreadable job result {path} ({error}); left out of the summary", file=sys.stderr)
         return sorted(found, key=lambda r: (r.job is None, r.job))
 
-    @property
-    def unrecorded_dir(self) -> Path:
-        return Path(self.dir) / "unrecorded" / self.id
-
-    def keep_unrecorded(self, result: JobResult) -> None:
-        """A computed result the tracker failed to record, kept whole (scores included)."""
-        write_atomic(self.unrecorded_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())
-
     def stop(self, error: str, job: int | None) -> None:
         """Tell every worker that the remaining jobs need not run (the first writer's reason stays)."""
         if not (Path(self.dir) / STOP_FILE).exists():
@@ -106,6 +99,29 @@ class JobInfo:
     config_hash: str
     number: int | None = None
     sweep: SweepInfo | None = None
+    output_dir: str | None = None  # Hydra's folder of this run or sweep: where unrecorded results are kept
+
+    def keep_unrecorded(self, result: JobResult) -> Path | None:
+        """A computed result the tracker failed to record, kept whole (scores included) on local disk,
+        for ``resume=true`` to replay into the store once it is back."""
+        if self.output_dir is None:
+            return None
+        path = Path(self.output_dir) / UNRECORDED / f"{result.config_hash}.json"
+        try:
+            write_atomic(path, result.to_json())
+        except OSError as error:  # the same full disk: said, never a second traceback over the first
+            print(f"layerprobe: warning: could not keep the unrecorded result in {path} ({error.strerror}); "
+                  "rerun this job", file=sys.stderr, flush=True)
+            return None
+        return path
+
+    def unrecorded_results(self) -> list[Path]:
+        """Kept results of this job's config, in this output folder and its siblings (Hydra's
+        ``<root>/<date>/<time>`` layout; a fixed-depth pattern, never a walk of the disk)."""
+        if self.output_dir is None:
+            return []
+        root = Path(self.output_dir).parent.parent
+        return sorted(root.glob(f"*/*/{UNRECORDED}/{self.config_hash}.json"))
 
 
 def process_identity(pid: int | None = None) -> str:

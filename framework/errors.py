@@ -19,3 +19,28 @@ class SweepStopped(BaseException):
     A BaseException, so Hydra's launchers (which record ``Exception`` as a failed job and go on)
     let it through to ``framework.__main__``, which ends the sweep and exits 2.
     """
+
+
+_STORAGE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded", 30: "a read-only file system",
+                   27: "the file-size limit was reached"}  # ENOSPC, EDQUOT, EROFS, EFBIG
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What a failed write says about the storage under it (a full disk, a read-only mount), with the
+    path where the error names one; None for any other failure. Follows the exception's causes, since
+    libraries (SQLAlchemy, MLflow) wrap the OSError or sqlite3 error that says it."""
+    seen: BaseException | None = error
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[seen.errno] + (f" (writing {seen.filename})" if seen.filename else "")
+        text = str(seen).lower()
+        if "database or disk is full" in text:
+            return "the database's disk is full"
+        if "readonly database" in text or "read-only file system" in text:
+            return "the database is on a read-only file system"
+        if "no space left on device" in text:
+            return "no space left on the device"
+        seen = seen.__cause__ or seen.__context__
+    return None

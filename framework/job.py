@@ -7,6 +7,7 @@ tracker (FINISHED, FAILED or KILLED) and as a JSON file in the sweep directory f
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -34,7 +35,8 @@ def run_job(cfg: DictConfig) -> None:
     multirun = sweep is not None or _is_multirun()
     number = HydraConfig.get().job.num if multirun else None
     settings = flatten(OmegaConf.to_container(cfg, resolve=True))
-    job = JobInfo(run_name(cfg, settings, sweep), cfg, settings, config_hash(settings), number, sweep)
+    output_dir = sweep.dir if sweep is not None else str(HydraConfig.get().runtime.output_dir)
+    job = JobInfo(run_name(cfg, settings, sweep), cfg, settings, config_hash(settings), number, sweep, output_dir)
     plugins = registry()
     try:
         tracker = plugins.build("tracker", cfg.tracking)
@@ -63,9 +65,11 @@ def run_job(cfg: DictConfig) -> None:
             except LayerprobeError:
                 raise
             except Exception as error:
-                if _store_gone(tracker, job, error):
-                    return
-                raise
+                reason = _out_of_service(tracker, error)
+                if reason is None:
+                    raise
+                _stop_for_tracker(job, reason)
+                raise LayerprobeError(f"the tracker could not start this job's run: {reason}") from None
         if job.sweep is not None:  # a placeholder until the job's end is written: a worker killed outright
             job.sweep.write_result(failed_result(job, "RUNNING", ""))  # still shows in the sweep's summary
     except LayerprobeError as error:
@@ -119,20 +123,27 @@ def _record(tracker, job: JobInfo, result: JobResult, evaluation) -> None:
     """End the job with the tracker, and write its result to the sweep folder.
 
     A tracker that fails to record the end (a server gone, a full disk) leaves no finished run to
-    read back or resume from, so the sweep folder gets FAILED with why, not the computed result:
-    the summary and the exit code then say what the tracker holds, and resume=true reruns it.
+    read back, so the sweep folder gets FAILED with why; the computed result is kept whole on local
+    disk, and ``resume=true`` replays it into the store once the store takes writes again. A store
+    out of service (gone, full, read-only) fails every later job the same way: the sweep stops.
     """
     try:
         with CLOCK.measure("tracking"):
             tracker.end_job(job, result, evaluation)
     except Exception as error:
+        kept = job.keep_unrecorded(result) if result.status == "FINISHED" else None
+        reason = _out_of_service(tracker, error)
+        why = reason or f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
         if result.status == "FINISHED":
-            if job.sweep is not None:
-                job.sweep.keep_unrecorded(result)  # the computed result, with its per-pair scores
-            result = failed_result(job, "FAILED", f"the tracker could not record this job's end ({type(error).__name__}: {error})")
+            result = failed_result(job, "FAILED", f"the tracker could not record this job's end ({why})"
+                                   + (f"; its result is kept in {kept}" if kept else ""))
         _write_result(job, result)
-        _store_gone(tracker, job, error)
-        raise
+        if reason is None:
+            raise
+        _stop_for_tracker(job, reason, kept)
+        raise LayerprobeError(f"the tracker could not record this job's end: {reason}"
+                              + (f"; the computed result is kept in {kept}: rerun with resume=true once the store takes "
+                                 "writes again to record it" if kept else "")) from None
     _write_result(job, result)
 
 
@@ -142,23 +153,33 @@ def _write_result(job: JobInfo, result: JobResult) -> None:
         job.sweep.write_result(result)
 
 
-def _store_gone(tracker, job: JobInfo, error: Exception) -> bool:
-    """After a failed tracker call: if the store is out of reach (a server that stopped answering),
-    every later job would fail the same way, so the sweep stops, in one line. Returns whether it did."""
-    from framework.errors import SweepStopped
+def _out_of_service(tracker, error: Exception) -> str | None:
+    """Why a failed tracker call will fail for every later job too — a full or read-only disk under
+    the store, or a tracking server that stopped answering — or None for an error of this job alone."""
+    from framework.errors import storage_failure
     from framework.stages import CheckedTracker
+
+    failure = storage_failure(error)
+    if failure is not None:
+        where = f"{tracker.location()}: " if isinstance(tracker, CheckedTracker) and "(writing " not in failure else ""
+        return f"{where}{failure}; free space there or set tracking.dir/tracking.uri elsewhere"
+    reason = tracker.unavailable() if isinstance(tracker, CheckedTracker) else None
+    return f"the tracker stopped answering ({reason})" if reason else None
+
+
+def _stop_for_tracker(job: JobInfo, reason: str, kept: Path | None = None) -> None:
+    """Stop the sweep (if any) in one line: other workers find the stop file, the driver's own
+    process (Hydra's basic launcher) ends the sweep at once."""
+    from framework.errors import SweepStopped
     from framework.sweep import is_driver
 
-    reason = tracker.unavailable() if isinstance(tracker, CheckedTracker) else None
-    if reason is None or job.sweep is None:
-        return False
-    message = f"the tracker stopped answering ({reason})"
-    job.sweep.stop(message, job.number)
-    kept = f"; computed results it did not record are kept in {job.sweep.unrecorded_dir}" if any(job.sweep.unrecorded_dir.glob("*.json")) else ""
-    print(f"layerprobe: error: {message}: stopping the sweep{kept}", file=sys.stderr, flush=True)
+    if job.sweep is None:
+        return
+    job.sweep.stop(reason, job.number)
+    where = f"; computed results it did not record are kept in {kept.parent}" if kept else ""
+    print(f"layerprobe: error: {reason}: stopping the sweep{where}", file=sys.stderr, flush=True)
     if is_driver(job.sweep):
-        raise SweepStopped(message) from None
-    return True
+        raise SweepStopped(reason) from None
 
 
 def _swept(setting: str, sweep) -> bool:
@@ -183,12 +204,18 @@ def stop_sweep(job: JobInfo, error: LayerprobeError) -> None:
 
 
 def _reuse(tracker, job: JobInfo) -> JobResult | None:
-    from framework.stages import ResumingTracker
+    """The finished run of this config, or a result computed earlier that the tracker failed to
+    record (kept on local disk), replayed into the store now; None when neither exists."""
+    from framework.stages import ReplayingTracker, ResumingTracker
 
     if not isinstance(tracker, ResumingTracker):
         raise LayerprobeError(f"resume=true: tracking={job.config.tracking.name} cannot find earlier runs; "
                               "use a tracker that can (tracking=mlflow)")
     previous = tracker.find_finished(job.config_hash)
+    if previous is None and isinstance(tracker, ReplayingTracker):
+        previous = _replay(tracker, job)
+        if previous is not None:
+            return previous
     if previous is None:
         return None
     previous.job, previous.origin = job.number, "reused"
@@ -196,6 +223,39 @@ def _reuse(tracker, job: JobInfo) -> JobResult | None:
         job.sweep.write_result(previous)
     print(f"reused {previous.run_ref} (resume=true, same config): {job.name}", flush=True)
     return previous
+
+
+def _replay(tracker, job: JobInfo) -> JobResult | None:
+    """Record a kept result of this config into the store, once: the file is claimed by a rename
+    (concurrent sweeps replay it at most once) and marked ``.replayed`` after."""
+    for path in job.unrecorded_results():
+        claimed = path.with_name(f"{path.name}.replaying-{os.getpid()}")
+        try:
+            os.rename(path, claimed)
+        except OSError:  # another process claimed it first
+            continue
+        try:
+            result = JobResult.from_json(claimed.read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            print(f"layerprobe: warning: kept result {path} is unreadable ({error}); not replayed", file=sys.stderr, flush=True)
+            os.rename(claimed, path.with_name(path.name + ".unreadable"))
+            continue
+        if result.config_hash != job.config_hash or not result.finished or result.scores is None:
+            os.rename(claimed, path)
+            continue
+        job.name = run_name(job.config, job.settings, job.sweep, result.label.get("layer"))
+        result.job, result.origin, result.error = job.number, "replayed", ""
+        try:
+            tracker.record(job, result, str(path))
+        except BaseException:
+            os.rename(claimed, path)  # still kept: a later resume tries again
+            raise
+        os.rename(claimed, path.with_name(path.name + ".replayed"))
+        if job.sweep is not None:
+            job.sweep.write_result(result)
+        print(f"replayed {path} into the store as run {result.run_ref} (resume=true): {job.name}", flush=True)
+        return result
+    return None
 
 
 def _fail_before_start(error: LayerprobeError, multirun: bool) -> None:

@@ -184,6 +184,8 @@ def run_plan(job: JobPlan) -> Evaluation:
 
     if isinstance(job.encoder, CachedEncoder):
         embedding.encoder_counts.update(job.encoder.stats)
+        if job.encoder.cache.unwritable is not None:  # the result stands; later runs will recompute what was not kept
+            notes.append(f"the cache folder took no writes ({job.encoder.cache.unwritable}): states cached in memory only")
     tokens = embedding.encoder_counts.get("tokens", 0)
     # Cost of producing the scores, whether the states were computed now or read from the cache
     # (then: what computing them cost), so jobs compare like with like; the read is logged apart.

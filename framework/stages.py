@@ -116,6 +116,9 @@ class CheckedTracker(Protocol):
         """Why the store cannot be reached now (e.g. its server stopped answering), or None. A job
         whose record fails this way stops the sweep: every later job would fail the same way."""
 
+    def location(self) -> str:
+        """Where the store is (a database file, a server's URI), for errors that name it."""
+
 
 @runtime_checkable
 class ResumingTracker(Protocol):
@@ -123,6 +126,17 @@ class ResumingTracker(Protocol):
 
     def find_finished(self, config_hash: str) -> JobResult | None:
         """The newest FINISHED job with this config hash, with its per-pair scores, or None."""
+
+
+@runtime_checkable
+class ReplayingTracker(Protocol):
+    """Optional: a tracker that can record a result computed earlier, for ``resume=true`` to replay
+    what a job computed while the store was out of service (kept in ``<output dir>/unrecorded``)."""
+
+    def record(self, job: JobInfo, result: JobResult, origin: str) -> None:
+        """Record ``result`` (FINISHED, with per-pair scores) as the run of ``job``, saying it was
+        replayed from ``origin``; into the run that was started for it when that still exists.
+        Sets ``result.run_ref``."""
 
 
 @runtime_checkable

@@ -15,13 +15,12 @@ is no number, a malformed line are skips by reason; a missing column is a one-li
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -81,20 +80,23 @@ class PairsDataset:
             source = f"hub:{self.options.hub}" + (f"/{self.options.config}" if self.options.config else "")
         return self._pairs(rows, split, source, skipped, notes)
 
-    def _pairs(self, rows: list[tuple[int, dict[str, Any] | None]], split: str, source: str,
+    def _pairs(self, rows: Iterable[tuple[int, dict[str, Any] | None]], split: str, source: str,
                skipped: Counter, notes: Counter) -> PairSet:
+        """One pass over the rows (a stream for local files: no row is held beyond what it gives)."""
         o = self.options
-        present = next((row for _, row in rows if row is not None), None)
-        if present is not None:
-            wanted = [o.sentence1, o.sentence2, o.label] + ([o.id] if o.id else [])
-            missing = [c for c in wanted if c not in present]
-            if missing:
-                raise LayerprobeError(f"{source} ({split}): no column {', '.join(map(repr, missing))} (it has: "
-                                      f"{', '.join(map(str, present))}); map yours with dataset.sentence1/sentence2/label/id")
+        wanted = [o.sentence1, o.sentence2, o.label] + ([o.id] if o.id else [])
         kept: list[tuple[str, str, str, Any, int]] = []
+        read, checked = 0, False
         for number, row in rows:
+            read += 1
             if row is None:
                 continue  # counted by the reader
+            if not checked:
+                missing = [c for c in wanted if c not in row]
+                if missing:
+                    raise LayerprobeError(f"{source} ({split}): no column {', '.join(map(repr, missing))} (it has: "
+                                          f"{', '.join(map(str, row))}); map yours with dataset.sentence1/sentence2/label/id")
+                checked = True
             a, b, label = row.get(o.sentence1), row.get(o.sentence2), row.get(o.label)
             if a is None or b is None:
                 skipped["missing_sentence"] += 1
@@ -107,14 +109,14 @@ class PairsDataset:
             elif parse_label(label, True, "") is None:
                 skipped["bad_label"] += 1
             else:
-                kept.append((str(row[o.id]) if o.id else str(number), str(a), str(b), label, number))
+                kept.append((str(row[o.id]) if o.id else str(number), a, b, label, number))
         kind = o.label_kind
         if kind == "auto":
             values = {parse_label(label, True, "") for *_, label, _ in kept}
             kind = "binary" if values <= {0.0, 1.0} else "graded"
         labels = [parse_label(label, kind == "graded", f"{source} ({split}) row {number}") for *_, label, number in kept]
         return PairSet("pairs", split, [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
-                       np.asarray(labels, dtype=np.float64), len(rows), skipped, notes, source=source, label_kind=kind)
+                       np.asarray(labels, dtype=np.float64), read, skipped, notes, source=source, label_kind=kind)
 
     # --- the hub (or a save_to_disk folder) -----------------------------------------------------
 
@@ -160,11 +162,12 @@ class PairsDataset:
                                       f"({type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]})") from None
         if limit is not None:
             rows = rows.select(range(min(limit, len(rows))))
-        return list(enumerate(rows)), Counter(), Counter()
+        return enumerate(rows), Counter(), Counter()
 
 
-def read_rows(path: Path, limit: int | None) -> tuple[list[tuple[int, dict | None]], Counter, Counter]:
-    """Rows of a local file as (row number, dict or None for a counted bad row), skips, notes."""
+def read_rows(path: Path, limit: int | None) -> tuple[Iterator[tuple[int, dict | None]], Counter, Counter]:
+    """Rows of a local file, streamed, as (row number, dict or None for a counted bad row); the skip
+    and note counters fill as the rows are read."""
     kind = FORMATS[path.suffix.lower()]
     skipped, notes = Counter(), Counter()
     if kind == "parquet":
@@ -175,22 +178,36 @@ def read_rows(path: Path, limit: int | None) -> tuple[list[tuple[int, dict | Non
         except Exception as error:  # pyarrow raises several types for a damaged file
             raise LayerprobeError(f"{path}: not a Parquet file ({type(error).__name__}: {str(error)[:120]})") from None
         records = table.slice(0, limit).to_pylist() if limit is not None else table.to_pylist()
-        return list(enumerate(records)), skipped, notes
-    data = path.read_bytes()
+        return iter(enumerate(records)), skipped, notes
     # Bytes that are not UTF-8 become lone surrogates here, so the rows that hold them (and only
     # those: a literal U+FFFD in valid text is data) are counted, then given U+FFFD as usual.
-    text = data.decode("utf-8-sig", errors="surrogateescape")
-    rows: list[tuple[int, dict | None]] = []
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    if not text.strip():
+        raise LayerprobeError(f"{path} is empty")
+    return _limited_rows(text, kind, path, limit, skipped, notes), skipped, notes
+
+
+def _limited_rows(text: str, kind: str, path: Path, limit: int | None, skipped: Counter, notes: Counter):
+    given = 0
     for number, row in _records(text, kind, path, skipped):
-        if limit is not None and len(rows) >= limit:
-            break
+        if limit is not None and given >= limit:
+            return
         if row is not None and any(isinstance(v, str) and INVALID_BYTES.search(v) for v in row.values()):
             notes["invalid_utf8_replaced"] += 1
             row = {k: INVALID_BYTES.sub("\ufffd", v) if isinstance(v, str) else v for k, v in row.items()}
-        rows.append((number, row))
-    if not rows and not text.strip():
-        raise LayerprobeError(f"{path} is empty")
-    return rows, skipped, notes
+        given += 1
+        yield number, row
+
+
+def _lines(text: str) -> Iterator[str]:
+    """``text``'s lines with their endings, split at "\n" only (csv joins a quoted field's lines
+    itself), without the 4-bytes-per-character copy that ``io.StringIO`` makes."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
 
 
 INVALID_BYTES = re.compile("[\udc80-\udcff]+")  # how errors="surrogateescape" decodes bytes that are not UTF-8
@@ -201,7 +218,7 @@ def _records(text: str, kind: str, path: Path, skipped: Counter) -> Iterator[tup
     """Blank lines are not rows; a malformed one is a row counted under its reason (None)."""
     if kind == "jsonl":
         number = 0
-        for line in text.splitlines():
+        for line in _lines(text):  # JSON text may hold U+2028 and other characters str.splitlines() splits at
             if not line.strip():
                 continue
             try:
@@ -215,7 +232,7 @@ def _records(text: str, kind: str, path: Path, skipped: Counter) -> Iterator[tup
             number += 1
         return
     quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
+    reader = csv.reader(_lines(text), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
     header = next(reader, None)
     if not header:
         raise LayerprobeError(f"{path}: no header line; the first line must name the columns")

@@ -206,3 +206,130 @@ def test_a_fitted_pooler_entry_with_scalar_tensors_round_trips(tmp_path):
     restored = AttentionPooler(AttentionOptions())
     restored.restore(stored["learned"])
     assert torch.equal(restored.query, pooler.query)
+
+
+# --- full and read-only disks: a real tmpfs of a few KB (root can mount one; else these skip) -------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(folder, size)`` mounts a tmpfs of ``size`` there; all are unmounted at the end."""
+    import os
+
+    mounted = []
+
+    def mount(folder, size="8m", *options):
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0:
+            pytest.skip("a tmpfs needs root to mount (a full disk is simulated by a real small filesystem)")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join([f"size={size}", *options]), "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder):
+    """Write zeros until the filesystem under ``folder`` has no byte left."""
+    with open(folder / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+
+def one_line_error(result, *words):
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.error_lines if line.startswith("layerprobe: error:")]
+    assert len(errors) == 1 and all(word in errors[0] for word in words), result.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_new_store_on_a_full_disk_is_one_line_and_leaves_no_broken_database(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors):
+    disk = small_disk(tmp_path / "disk")
+    fill(disk)
+    result = run_cli(f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "metric=spearman",
+                     f"tracking.dir={disk / 'mlruns'}", f"hydra.run.dir={tmp_path / 'hydra'}")
+    one_line_error(result, str(disk / "mlruns" / "mlflow.db"), "disk is full")
+    assert not (disk / "mlruns" / "mlflow.db").exists()  # a half-migrated database would break every later run
+
+
+def test_a_full_disk_under_an_existing_store_is_one_line_and_leaves_no_run_running(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors):
+    from mlflow.tracking import MlflowClient
+
+    disk = small_disk(tmp_path / "disk")
+    job = (f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "metric=spearman", f"tracking.dir={disk / 'mlruns'}")
+    assert run_cli(*job, f"hydra.run.dir={tmp_path / 'h0'}").returncode == 0
+    fill(disk)
+    result = run_cli(*job, "pooler=max", f"hydra.run.dir={tmp_path / 'h1'}")
+    one_line_error(result, str(disk / "mlruns" / "mlflow.db"), "disk is full")
+    (disk / "filler").unlink()
+    runs = MlflowClient(f"sqlite:///{disk / 'mlruns' / 'mlflow.db'}").search_runs(["1"])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def test_an_artifact_that_does_not_fit_is_never_logged_truncated_and_resume_replays_the_result(run_cli, tmp_path, small_disk, tiny_vectors):
+    """The store takes the run, its artifact folder fills up mid-way: one line naming the file, the run
+    FAILED (not RUNNING, not later 'stale'), no partial scores.csv, the computed result kept; once there
+    is room, resume=true records it into that same run, scores and all."""
+    from conftest import MRPC_ROWS, write_mrpc
+    from mlflow.tracking import MlflowClient
+
+    from plugins.mlflow.tracker import read_scores
+
+    data = write_mrpc(tmp_path / "MRPC", rows=MRPC_ROWS * 40)
+    store = tmp_path / "mlruns"
+    job = (f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={data}", "metric=spearman", f"tracking.dir={store}",
+           f"hydra.run.dir={tmp_path / 'hydra' / 'day' / 'run'}")
+    artifacts = small_disk(store / "artifacts" / "layerprobe", "4k")  # one page: config.yaml fits, scores.csv does not
+    result = run_cli(*job)
+    line = one_line_error(result, "no space left", str(artifacts), ".csv", "resume=true")
+    (kept,) = (tmp_path / "hydra").glob("*/*/unrecorded/*.json")
+    assert str(kept) in line
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    (run,) = client.search_runs(["1"])
+    assert run.info.status == "FAILED" and "no space left" in run.data.tags["error"]
+    assert not list(artifacts.rglob("*.csv")) and not list(artifacts.rglob("*.tmp"))  # none half-written
+    assert list(artifacts.rglob("config.yaml"))  # what fitted is there, whole
+
+    subprocess.run(["umount", "-l", str(artifacts)], check=True)
+    resumed = run_cli(*job, "resume=true")
+    assert resumed.returncode == 0 and "replayed " in resumed.stdout, resumed.stderr[-3000:]
+    kept_result = json.loads(kept.with_name(kept.name + ".replayed").read_text())
+    (run,) = client.search_runs(["1"])
+    assert run.info.status == "FINISHED" and run.data.metrics["spearman"] == kept_result["metrics"]["spearman"]
+    scores = read_scores(client, run.info.run_id)
+    assert scores.scores == kept_result["scores"]["scores"] and len(scores.ids) == len(MRPC_ROWS) * 40
+    again = run_cli(*job, "resume=true")  # replayed once: now it is the store's finished run that is reused
+    assert "reused " in again.stdout and "replayed " not in again.stdout
+
+
+def test_sqlite_on_a_read_only_filesystem_is_one_line(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors):
+    disk = small_disk(tmp_path / "disk")
+    job = (f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "metric=spearman")
+    assert run_cli(*job, f"tracking.dir={disk}", f"hydra.run.dir={tmp_path / 'h0'}").returncode == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    for store in (disk / "mlflow.db", disk / "other.db"):
+        result = run_cli(*job, f"tracking.uri=sqlite:///{store}", f"tracking.dir={tmp_path / 'local'}", f"hydra.run.dir={tmp_path / 'h1'}")
+        one_line_error(result, str(store), "Read-only file system")
+
+
+def test_a_cache_folder_that_takes_no_writes_degrades_to_memory_with_a_warning(tmp_path, small_disk, capsys):
+    disk = small_disk(tmp_path / "cache", "64k")
+    cache = TokenStateCache(str(disk), 1.0)
+    encoder = CachedEncoder(CountingEncoder(), cache)
+    states = torch.zeros(64, 256, 16)  # 1 MiB: does not fit
+    batch = TokenStates(states, torch.ones(64, 256, dtype=torch.bool), torch.arange(64))
+    cache.put("k", [batch], encode_seconds=100.0)  # expensive to recompute: meant for the disk
+    assert cache.unwritable is not None and "No space left" in cache.unwritable
+    assert "caching in memory only" in capsys.readouterr().err
+    assert cache.get("k") is not None and not list(disk.glob("*")) # kept in memory, nothing half-written on disk
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    again = CachedEncoder(CountingEncoder(), TokenStateCache(str(disk), 1.0))
+    assert len(list(again.encode(["a", "b"], Layer()))) == 1  # the lock folder cannot be made: computed, unlocked
+    assert again.cache.unwritable is not None

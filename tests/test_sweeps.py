@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, CliResult, cli_command, free_port
+from plugins.mlflow.tracker import read_scores
 
 TINY = ("metric=spearman", "metric.bootstrap_resamples=50")
 
@@ -341,6 +342,28 @@ def test_a_signal_stops_the_sweep_and_leaves_no_run_running(tmp_path, tiny_mrpc,
     assert summary.count("| FINISHED |") == 2 and "| KILLED: interrupted" in summary
 
 
+def test_ctrl_c_on_a_joblib_sweep_counts_every_job_in_the_summary_as_the_store_does(tmp_path, tiny_mrpc, testkit_env):
+    """Ctrl-C (SIGINT to the whole process group) while two joblib workers wait at the gate: the
+    summary and the store agree, job by job: two FINISHED, two KILLED, none missing, none RUNNING."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="the joblib launcher is not installed (pip install 'layerprobe[joblib]')")
+    store, gate = tmp_path / "mlruns", tmp_path / "gate"
+    gate.touch()
+    sweep = gated_sweep(store, gate, tiny_mrpc, testkit_env, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    wait_for(lambda: len(finished_job_results(store)) >= 4)  # two results and two RUNNING placeholders
+    time.sleep(1.0)
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, err[-3000:]
+    result = CliResult(0, out, err, store)
+    (parent,) = result.parents()
+    children = result.children(parent)
+    assert all(r.info.status != "RUNNING" for r in result.runs())
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+    summary = (Path(parent.info.artifact_uri.removeprefix("file://")) / "summary.md").read_text()
+    assert summary.count("| FINISHED |") == 2 and summary.count("| KILLED") == 2, summary
+    assert "4 job(s), 2 finished" in out, out[-2000:]
+
+
 def test_kill_9_then_resume_reruns_only_the_missing_configs(tmp_path, tiny_mrpc, testkit_env):
     store, gate = tmp_path / "mlruns", tmp_path / "gate"
     gate.touch()
@@ -583,7 +606,29 @@ def test_a_tracking_server_that_dies_mid_sweep_stops_it_in_seconds_and_keeps_the
     assert sweep.returncode == 2, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("layerprobe: error:")]
     assert any("the tracker stopped answering" in line and uri in line and "stopping the sweep" in line for line in lines), err[-3000:]
-    (kept,) = list((tmp_path / "local").glob("hydra/*/*/unrecorded/*/*.json"))
+    (kept,) = list((tmp_path / "local").glob("hydra/*/*/unrecorded/*.json"))
     result = json.loads(kept.read_text())
     assert result["status"] == "FINISHED" and len(result["scores"]["scores"]) == result["metrics"]["n_pairs"] > 0
     assert list((tmp_path / "local").glob("hydra/*/*/summary/summary.md"))
+
+    # The server is back (the same store, another port): resume=true replays the kept result into
+    # the run that was started for it, and runs only the job that never ran.
+    from mlflow.tracking import MlflowClient
+
+    again = serve_mlflow(server_dir, f"sqlite:///{server_dir / 'server' / 'mlflow.db'}")
+    uri = next(again)
+    try:
+        resumed = gated_sweep(tmp_path / "mlruns", gate, tiny_mrpc, testkit_env, f"tracking.uri={uri}",
+                              f"tracking.dir={tmp_path / 'local'}", "resume=true")
+        out, err = resumed.communicate(timeout=240)
+        assert resumed.returncode == 0, err[-3000:]
+        assert out.count("reused ") == 2 and out.count("replayed ") == 1, out[-3000:]
+        assert not kept.exists() and kept.with_name(kept.name + ".replayed").exists()
+        run = MlflowClient(uri).get_run(result["run_ref"])
+        assert run.info.status == "FINISHED" and "error" not in run.data.tags
+        assert run.data.metrics["spearman"] == result["metrics"]["spearman"]
+        assert run.data.tags["layerprobe.replayed_from"] == str(kept)
+        scores = read_scores(MlflowClient(uri), run.info.run_id)
+        assert (scores.ids, scores.scores) == (result["scores"]["ids"], result["scores"]["scores"])
+    finally:
+        again.close()

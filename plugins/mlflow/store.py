@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from framework.errors import LayerprobeError
+from framework.errors import LayerprobeError, storage_failure
 
 LOCK_TIMEOUT_SECONDS = 300
 
@@ -71,9 +71,14 @@ def check_server(uri: str, timeout: float = 10.0) -> None:
 @functools.lru_cache(maxsize=8)
 def open_store(uri: str, experiment: str, artifact_folder: str | None):
     """``(client, experiment_id)`` for ``uri``; the experiment is created if missing (race-safe)."""
+    import logging
+
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    # MLflow logs every database error with its traceback before raising it; layerprobe says each
+    # one it can name (a full disk, a read-only store) in one line, and re-raises the rest.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     if uri.startswith(("http://", "https://")):
         check_server(uri)
     try:
@@ -83,8 +88,18 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
             database = Path(uri.removeprefix("sqlite:///"))
             try:
                 with FileLock(str(database) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
-                    client = MlflowClient(uri)
-                    return client, _experiment_id(client, experiment, artifact_folder)
+                    new = not database.exists()
+                    try:
+                        client = MlflowClient(uri)
+                        return client, _experiment_id(client, experiment, artifact_folder)
+                    except Exception as error:
+                        failure = storage_failure(error)
+                        if failure is None:
+                            raise
+                        if new:  # a half-migrated database would break every later run: never leave one
+                            database.unlink(missing_ok=True)
+                        raise LayerprobeError(f"{database}: cannot write the MLflow store: {failure}; free space there "
+                                              "or set tracking.dir/tracking.uri elsewhere") from None
             except Timeout:
                 raise LayerprobeError(f"{database}: another process held its creation lock for {LOCK_TIMEOUT_SECONDS} s; "
                                       f"remove {database}.lock if no layerprobe process is running") from None

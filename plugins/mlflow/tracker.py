@@ -6,8 +6,10 @@ so jobs in any process nest under the parent whose id the sweep file holds.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
+import os
 import subprocess
 import tempfile
 import time
@@ -107,6 +109,10 @@ class MLflowTracker:
             return str(error)
         return None
 
+    def location(self) -> str:
+        uri = tracking_uri(self.options)
+        return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+
     def view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
         return f"{ui}/#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
 
@@ -127,52 +133,129 @@ class MLflowTracker:
     # --- jobs -----------------------------------------------------------------------------------
 
     def start_job(self, job: JobInfo) -> None:
+        run_id = self._create_run(job)
+        self._runs[id(job)] = run_id
+        if self.options.system_metrics:
+            self._monitors[id(job)] = start_system_metrics(run_id, tracking_uri(self.options))
+        params = {key: setting_text(value) for key, value in job.settings.items()}
+        params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
+        params.update(git_state())
+        self._log_params(run_id, params)
+
+    def _create_run(self, job: JobInfo, tags: dict[str, str] | None = None) -> str:
         tags = {TAG_HASH: job.config_hash, TAG_PROCESS: process_identity(),
-                TAG_METRICS: ",".join(map(str, job.config.metric.get("names") or []))}
+                TAG_METRICS: ",".join(map(str, job.config.metric.get("names") or [])), **(tags or {})}
         parent = self._parent(job.sweep)
         if parent:
             tags.update({PARENT: parent, TAG_SWEEP_ID: job.sweep.id or self.client.get_run(parent).data.tags.get(TAG_SWEEP_ID, "")})
         if job.number is not None:
             tags[TAG_JOB] = str(job.number)
-        run = self.client.create_run(self.experiment_id, run_name=job.name, tags=tags)
-        self._runs[id(job)] = run.info.run_id
-        if self.options.system_metrics:
-            self._monitors[id(job)] = start_system_metrics(run.info.run_id, tracking_uri(self.options))
-        params = {key: setting_text(value) for key, value in job.settings.items()}
-        params.update({f"version.{name}": _version(name) for name in VERSIONED_PACKAGES})
-        params.update(git_state())
-        self._log_params(run.info.run_id, params)
+        return self.client.create_run(self.experiment_id, run_name=job.name, tags=tags).info.run_id
 
     def end_job(self, job: JobInfo, result: JobResult, evaluation) -> None:
         run_id = self._runs.pop(id(job))
+        result.run_ref = run_id  # also when recording fails below: a replay (resume=true) ends this run
         monitor = self._monitors.pop(id(job), None)
         if monitor is not None:
             monitor.finish()
-        client = self.client
-        if evaluation is not None:
-            client.update_run(run_id, name=job.name)  # now with the resolved layer
-            label = result.label
-            self._log_params(run_id, {**evaluation.logged_params(), "model": label["encoder"], "pooler": label["pooler"],
-                                      "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"]})
-            self._log_dataset_input(run_id, evaluation.pairs)
-            self._log_metrics(run_id, result.metrics)
-            self._log_training_curve(run_id, evaluation.training_curve)
-            if evaluation.notes:
-                client.set_tag(run_id, "notes", " | ".join(evaluation.notes)[:5000])
-            with tempfile.TemporaryDirectory() as folder:
-                Path(folder, "config.yaml").write_text(OmegaConf.to_yaml(job.config, resolve=True))
-                write_scores_csv(evaluation.scores, Path(folder, "scores.csv"))
-                if evaluation.mistakes:
-                    write_rows_csv(evaluation.mistakes, Path(folder, "mistakes.csv"))
-                for name, tensor in evaluation.learned.items():
-                    import torch
+        try:
+            if evaluation is not None:
+                self._log_outcome(run_id, job, result, lambda path: write_scores_csv(evaluation.scores.rows(), path),
+                                  evaluation.logged_params(), evaluation)
+            if result.error:
+                self.client.set_tag(run_id, "error", result.error[:4000])
+            self.client.set_terminated(run_id, result.status)
+        except Exception as error:
+            self._fail_if_writable(run_id, error)
+            raise
 
-                    torch.save(tensor, Path(folder, f"{name}.pt"))
-                client.log_artifacts(run_id, folder)
-        if result.error:
-            client.set_tag(run_id, "error", result.error[:4000])
-        client.set_terminated(run_id, result.status)
+    def record(self, job: JobInfo, result: JobResult, origin: str) -> None:
+        """A kept result replayed into the store: into its own run when that still exists, else a new one."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = None
+        if result.run_ref:
+            try:
+                if self.client.get_run(result.run_ref).info.status != "FINISHED":
+                    run_id = result.run_ref
+            except MlflowException:  # the run is not in this store (another store, or deleted)
+                run_id = None
+        if run_id is None:
+            run_id = self._create_run(job)
+            self._log_params(run_id, {key: setting_text(value) for key, value in job.settings.items()})
+        self.client.set_tag(run_id, "layerprobe.replayed_from", origin[:4000])
+        self.client.set_tag(run_id, TAG_PROCESS, process_identity())
+        with contextlib.suppress(MlflowException):  # the stale-run recovery's "stale: …" no longer holds
+            self.client.delete_tag(run_id, "error")
+        scores = result.scores
+        self._log_outcome(run_id, job, result, lambda path: write_scores_csv(
+            ((i, "", "", label, score) for i, label, score in zip(scores.ids, scores.labels, scores.scores)), path),
+            {"states": result.states, "layer_index": result.label.get("layer", "-")}, None)
+        self.client.set_terminated(run_id, "FINISHED")
         result.run_ref = run_id
+
+    def _log_outcome(self, run_id: str, job: JobInfo, result: JobResult, write_scores, params: dict[str, str], evaluation) -> None:
+        """A finished job's params, metrics and artifacts (config, per-pair scores, mistakes, what was learned)."""
+        client = self.client
+        client.update_run(run_id, name=job.name)  # now with the resolved layer
+        label = result.label
+        self._log_params(run_id, {**params, "model": label["encoder"], "pooler": label["pooler"],
+                                  "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"]})
+        if evaluation is not None:
+            self._log_dataset_input(run_id, evaluation.pairs)
+        self._log_metrics(run_id, result.metrics)
+        if evaluation is not None:
+            self._log_training_curve(run_id, evaluation.training_curve)
+        notes = evaluation.notes if evaluation is not None else result.notes
+        if notes:
+            client.set_tag(run_id, "notes", " | ".join(notes)[:5000])
+        with tempfile.TemporaryDirectory() as folder:
+            Path(folder, "config.yaml").write_text(OmegaConf.to_yaml(job.config, resolve=True))
+            write_scores(Path(folder, "scores.csv"))
+            if evaluation is not None and evaluation.mistakes:
+                write_rows_csv(evaluation.mistakes, Path(folder, "mistakes.csv"))
+            for name, tensor in (evaluation.learned.items() if evaluation is not None else ()):
+                import torch
+
+                torch.save(tensor, Path(folder, f"{name}.pt"))
+            self._log_artifacts(run_id, Path(folder))
+
+    def _log_artifacts(self, run_id: str, folder: Path) -> None:
+        """Every file of ``folder`` as an artifact of the run, whole or not at all: into a local
+        artifact store each goes to a temporary name and is renamed (a full disk leaves no truncated
+        ``scores.csv`` behind); other stores get MLflow's own upload."""
+        import shutil
+        import urllib.parse
+        import urllib.request
+
+        location = self.client.get_run(run_id).info.artifact_uri
+        parsed = urllib.parse.urlparse(location)
+        if parsed.scheme not in ("", "file"):
+            self.client.log_artifacts(run_id, str(folder))
+            return
+        target = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else location)
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(folder.iterdir()):
+            temporary = target / f".{source.name}.{os.getpid()}.tmp"
+            try:
+                shutil.copyfile(source, temporary)
+                os.replace(temporary, target / source.name)
+            except OSError as error:  # name the artifact, not the temporary source
+                raise OSError(error.errno, error.strerror, str(target / source.name)) from error
+            finally:
+                temporary.unlink(missing_ok=True)
+
+    def _fail_if_writable(self, run_id: str, error: Exception) -> None:
+        """After a failed write on a full or read-only disk: end the run FAILED with why, if the store
+        still takes that much, so it is not left RUNNING (and later called stale)."""
+        from framework.errors import storage_failure
+
+        failure = storage_failure(error)
+        if failure is None:
+            return
+        with contextlib.suppress(Exception):
+            self.client.set_tag(run_id, "error", f"the job's end could not be recorded: {failure}"[:4000])
+            self.client.set_terminated(run_id, "FAILED")
 
     def _log_dataset_input(self, run_id: str, pairs) -> None:
         """The evaluated data as an MLflow dataset input (name, split, digest, rows): the runs table's
@@ -314,13 +397,13 @@ def result_of_run(run, client, with_scores: bool = False) -> JobResult:
     return result
 
 
-def write_scores_csv(scores, path: Path) -> None:
+def write_scores_csv(rows, path: Path) -> None:
     """Per pair: id, both sentences, label and score at full precision (``repr``), so every metric
-    can be recomputed from the file."""
+    can be recomputed from the file. ``rows``: ``(id, sentence_a, sentence_b, label, score)``."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "sentence_a", "sentence_b", "label", "score"])
-        for pair_id, a, b, label, score in scores.rows():
+        for pair_id, a, b, label, score in rows:
             label = float(label)
             writer.writerow([pair_id, a, b, int(label) if label.is_integer() else repr(label), repr(float(score))])
 
