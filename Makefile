@@ -28,7 +28,7 @@ run: setup
 	$(VENV)/bin/python -m framework encoder=glove pooler=mean dataset=mrpc $(DATA) $(ARGS)
 
 test: setup-test
-	$(VENV)/bin/python -m pytest -q $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n auto $(ARGS)
 
 benchmark: setup
 	$(VENV)/bin/python benchmarks/glove_mrpc.py

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 POOLED, FITTED = "pooled-", "fitted-"  # cache entry kinds beside token states
+SCORE_CHUNK = 32768  # pairs scored at once
 
 
 @dataclass
@@ -360,8 +361,11 @@ def score_pairs(pairs: PairSet, encoder, pooler, layer: Layer, postprocessor=Non
     embedding.sentences = sentences
     embedding.compared = postprocessor.transform(embedding.vectors) if postprocessor is not None else embedding.vectors
     vectors = embedding.compared.double()
-    scores = torch.nn.functional.cosine_similarity(vectors[a_index], vectors[b_index], dim=1)
-    return PairScores(pairs, scores.numpy()), embedding
+    scores = np.empty(len(a_index), dtype=np.float64)
+    for start in range(0, len(a_index), SCORE_CHUNK):  # row by row the same numbers, without 2 × pairs × dim copies
+        rows = slice(start, start + SCORE_CHUNK)
+        scores[rows] = torch.nn.functional.cosine_similarity(vectors[a_index[rows]], vectors[b_index[rows]], dim=1).numpy()
+    return PairScores(pairs, scores), embedding
 
 
 def confident_mistakes(scores: PairScores, k: int) -> list[dict[str, Any]]:
