@@ -40,6 +40,75 @@ def register_plugin_configs(plugins: Registry) -> None:
             store.store(group=group, name=name, node={"name": name, **node}, provider=component.plugin)
 
 
+def option_keys(group: str, name: str, plugins: Registry) -> set[str] | None:
+    """The keys option ``name`` of config group ``group`` has (its YAML, or a plugin's schema); None if unknown."""
+    path = CONF_DIR / group / f"{name}.yaml"
+    if path.is_file():
+        return set(OmegaConf.load(path).keys()) - {"defaults"}
+    kind = KIND_OF_GROUP.get(group)
+    component = plugins.components.get(kind, {}).get(name) if kind else None
+    if component is None:
+        return None
+    return {"name", *HARNESS_OPTIONS.get(kind, {}), *OmegaConf.structured(component.schema).keys()}
+
+
+def widen_option_overrides(arguments: list[str], plugins: Registry) -> list[str]:
+    """In a sweep over a group's options (``encoder=glove,rwkv``), an override of a key that only
+    some of them have (``encoder.model=…``, a plugin's ``pooler.power=…``) applies to those: it is
+    passed to Hydra as ``++key=value`` (add or override) and named in ``only_where_defined``, so
+    each job drops it where its option lacks it instead of Hydra failing the whole sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if not any(a in ("-m", "--multirun") for a in arguments):
+        return arguments
+    parser = OverridesParser.create()
+    parsed = {}
+    for index, argument in enumerate(arguments):
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        try:
+            parsed[index] = parser.parse_overrides([argument])[0]
+        except HydraException:
+            continue  # check_overrides says what is wrong with it
+    swept = {o.key_or_group: list(o.sweep_string_iterator()) for o in parsed.values()
+             if o.key_or_group in CONFIG_GROUPS and o.is_sweep_override() and not o.package}
+    widened, where = list(arguments), []
+    for index, override in parsed.items():
+        group, _, key = override.key_or_group.partition(".")
+        if not key or group not in swept or override.is_delete():
+            continue
+        keys = [option_keys(group, choice, plugins) for choice in swept[group]]
+        if any(k is None for k in keys):
+            continue
+        top = key.split(".", 1)[0]
+        if all(top in k for k in keys) or not any(top in k for k in keys):
+            continue  # every option has it (nothing to widen) or none has it (check_overrides says so)
+        widened[index] = "++" + arguments[index].lstrip("+")
+        where.append(override.key_or_group)
+    if where:
+        widened.append(f"only_where_defined=[{','.join(where)}]")
+    return widened
+
+
+def drop_keys_not_defined(cfg: DictConfig, plugins: Registry) -> bool:
+    """In a job: remove the ``only_where_defined`` keys its group's option does not have; returns
+    whether it removed any (the job may then have the config of another job of the sweep)."""
+    from omegaconf import open_dict
+
+    dropped = False
+    for name in cfg.get("only_where_defined") or []:
+        group, _, key = str(name).partition(".")
+        node = cfg.get(group)
+        keys = option_keys(group, str(node.get("name")), plugins) if node is not None else None
+        top = key.split(".", 1)[0]
+        if keys is not None and top not in keys and top in node:
+            with open_dict(node):
+                node.pop(top)
+            dropped = True
+    return dropped
+
+
 def group_options(group: str, plugins: Registry, extra_dirs: list[Path] = ()) -> list[str]:
     names = set(plugins.names(KIND_OF_GROUP[group])) if group in KIND_OF_GROUP else set()
     for folder in (CONF_DIR, *extra_dirs):
@@ -119,8 +188,7 @@ def _compose_first_of_each_sweep(overrides, config_dir: str | None, config_name:
             first = next(iter(override.sweep_string_iterator()), None)
             if first is None:
                 continue
-            prefix = ("+" if override.is_add() else "++" if override.is_force_add() else "")
-            text = f"{prefix}{override.get_key_element()}={first}"
+            text = f"{override.get_key_element()}={first}"  # the key element keeps its + or ++
         plain.append(text)
     if config_dir:
         plain.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
@@ -163,7 +231,9 @@ def main() -> None:
             plugins = registry()
             register_plugin_configs(plugins)
         with DRIVER.measure("config_check"):
-            check_overrides(sys.argv[1:], plugins)
+            arguments = widen_option_overrides(sys.argv[1:], plugins)
+            check_overrides(arguments, plugins)
+            sys.argv[1:] = arguments
     except LayerprobeError as error:
         print(f"layerprobe: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2)

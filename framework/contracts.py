@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -84,6 +85,23 @@ class SweepInfo:
             return json.loads((Path(self.dir) / STOP_FILE).read_text(encoding="utf-8"))["error"]
         except (OSError, ValueError, KeyError):
             return None
+
+    def claim(self, config_hash: str, job: int | None) -> int | None:
+        """Make ``job`` the one job of this sweep that computes ``config_hash`` (an atomic create);
+        returns the number of the job that already holds it, or None when ``job`` got it."""
+        path = Path(self.dir) / "claims" / self.id / f"{config_hash}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x", encoding="utf-8") as out:
+                out.write(json.dumps({"job": job}))
+            return None
+        except FileExistsError:
+            for _ in range(50):  # the holder writes its number right after creating the file
+                try:
+                    return json.loads(path.read_text(encoding="utf-8"))["job"]
+                except (ValueError, KeyError):
+                    time.sleep(0.02)
+            return -1
 
     def write_result(self, result: JobResult) -> None:
         write_atomic(self.results_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())

@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from framework.contracts import JobInfo
 from framework.errors import LayerprobeError
@@ -28,9 +28,12 @@ def run_job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from framework.plugins import registry
-    from framework.run import plan, result_line, run_plan
+    from framework.run import result_line, run_plan
+
+    from framework.__main__ import drop_keys_not_defined
 
     CLOCK.reset()
+    narrowed = drop_keys_not_defined(cfg, registry())  # a swept option's key that this job's option lacks
     sweep = current_sweep()
     multirun = sweep is not None or _is_multirun()
     number = HydraConfig.get().job.num if multirun else None
@@ -58,7 +61,12 @@ def run_job(cfg: DictConfig) -> None:
                     tracker.recover_stale()
         choose_device(number)
         with CLOCK.measure("setup"):
-            job_plan = plan(cfg, plugins)  # every option checked before a run exists: bad input leaves no FAILED run
+            job_plan = plan_in_sweep(job, plugins)  # every option checked before a run exists: bad input leaves no FAILED run
+        if sweep is not None and (narrowed or job.config is not cfg):  # a config that several jobs of the sweep
+            holder = job.sweep.claim(job.config_hash, job.number)          # may share (no layers, no such option): one runs it
+            if holder is not None:
+                return _same_config_as(job, holder)
+            cfg = job.config
         with CLOCK.measure("tracking"):
             try:
                 tracker.start_job(job)
@@ -93,6 +101,54 @@ def run_job(cfg: DictConfig) -> None:
         print(f"layerprobe: job failed ({job.name}): {type(error).__name__}: {error}", file=sys.stderr, flush=True)
         return
     print(result_line(cfg, evaluation), flush=True)
+
+
+def plan_in_sweep(job: JobInfo, plugins):
+    """``plan`` of the job's config; in a sweep over ``layer``, an encoder without layers (a GloVe
+    baseline beside RWKV's layers) is planned at its only "layer" (null) instead of failing, and the
+    job's config and identity say so (``job.config`` is then a new object)."""
+    from framework.run import plan
+
+    swept = job.sweep is not None and job.config.get("layer") is not None and _swept("layer", job.sweep)
+    try:
+        planned = plan(job.config, plugins)
+    except LayerprobeError as error:
+        if not (swept and error.settings == ("encoder", "layer")):
+            raise
+        planned = plan(_at_layer_null(job.config), plugins)
+        if planned.layer.index is not None:  # the encoder has layers: the requested one is out of its range
+            raise error from None
+    if swept and planned.layer.index is None:
+        job.config = _at_layer_null(job.config)
+        job.settings = flatten(OmegaConf.to_container(job.config, resolve=True))
+        job.config_hash = config_hash(job.settings)
+        job.name = run_name(job.config, job.settings, job.sweep)
+    return planned
+
+
+def _at_layer_null(cfg: DictConfig) -> DictConfig:
+    baseline = cfg.copy()
+    with open_dict(baseline):
+        baseline.layer = None
+    return baseline
+
+
+def _same_config_as(job: JobInfo, holder: int) -> None:
+    """A later job of a sweep with the config of job ``holder`` (a baseline swept over layers, an
+    option swept that its pooler or encoder lacks):
+    not run again; its result in the sweep folder says whose it is once that job has ended."""
+    deadline = time.monotonic() + 24 * 3600
+    while time.monotonic() < deadline:
+        found = next((r for r in job.sweep.results() if r.job == holder and r.status != "RUNNING"), None)
+        if found is not None or job.sweep.stopped() is not None:
+            break
+        time.sleep(0.5)
+    result = failed_result(job, "FINISHED", "")
+    result.origin = f"same config as job {holder}"
+    if found is not None:
+        result.status, result.metrics, result.label, result.run_ref = found.status, found.metrics, found.label, found.run_ref
+    job.sweep.write_result(result)
+    print(f"same config as job {holder} (what the sweep varies here does not apply to it): {job.name}", flush=True)
 
 
 def evaluate_tracked(tracker, job: JobInfo, evaluate_job):

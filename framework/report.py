@@ -49,6 +49,26 @@ def layer_table(results: list[JobResult], metrics: list[str], shared: dict[str, 
     return header, body
 
 
+def report_records(results: list[JobResult], metrics: list[str], shared: dict[str, int]) -> list[dict]:
+    """report.csv: one row per run and metric, the value and its CI as numbers (tidy: sort, filter, plot)."""
+    from framework.summary import summary_records
+
+    extra = [key for key in varying_settings(results) if key != "layer"]
+    records = []
+    for result, record in zip(results, summary_records(results)):
+        for metric in metrics:
+            if metric not in result.metrics:
+                continue
+            records.append({**{k: record[k] for k in ("encoder", "pooler", "postprocess", "dataset", "split", "layer", *extra)
+                               if k in record},
+                            "metric": metric, **{column: float(result.metrics.get(key, float("nan"))) for column, key in
+                                                 (("value", metric), ("ci_low", f"{metric}_ci_low"), ("ci_high", f"{metric}_ci_high"))},
+                            "ms_per_pair": record["ms_per_pair"],
+                            "peak_memory_mb": record["peak_memory_mb"], "runs_with_this_config": shared.get(result.config_hash, 1),
+                            "run": result.run_ref})
+    return records
+
+
 def build_report(tracker, parent: str | None, metric: str | list[str], out: Path, description: str = "the store") -> str:
     """The report of ``tracker``'s runs (or of the sweep ``parent``): Markdown, CSV and PNG in ``out``.
 
@@ -56,7 +76,7 @@ def build_report(tracker, parent: str | None, metric: str | list[str], out: Path
     plot panel each.
     """
     from framework.stages import ReportSource
-    from framework.summary import markdown, plot_metrics_by_layer, write_csv
+    from framework.summary import markdown, plot_metrics_by_layer, write_records_csv
 
     metrics = [m.strip() for m in metric.split(",")] if isinstance(metric, str) else list(metric)
     if not isinstance(tracker, ReportSource):
@@ -71,7 +91,7 @@ def build_report(tracker, parent: str | None, metric: str | list[str], out: Path
     table = markdown(header, body)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table, encoding="utf-8")
-    write_csv(header, body, out / "report.csv")
+    write_records_csv(report_records([r for r in newest if r.finished], metrics, shared), out / "report.csv")
     plot_metrics_by_layer([r for r in newest if r.finished], out / "report.png", metrics)
     duplicates = sum(count - 1 for count in shared.values())
     if duplicates:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 # Settings that say where and how results are stored, not what was computed: left out of a job's
 # identity, so the same evaluation logged to another store (or resumed) is the same config.
 NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.", "error_analysis.")
-NON_IDENTITY_KEYS = {"resume", "data_root"}  # data_root reaches the dataset's own options, which count
+NON_IDENTITY_KEYS = {"resume", "data_root", "only_where_defined"}  # data_root reaches the dataset's own options, which count
 # The settings every results table shows as its own columns; others appear only where they differ.
 NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
 
@@ -94,7 +94,7 @@ def swept_keys(overrides: list[str]) -> list[str]:
     keys = []
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if "," in value or value.startswith(("range(", "choice(", "glob(")):
+        if ("," in value and not value.startswith(("[", "{"))) or value.startswith(("range(", "choice(", "glob(")):
             keys.append(key if "." in key or key in ("layer", "seed", "resume", "data_root") else f"{key}.name")
     return keys
 

@@ -6,6 +6,7 @@ differ in, say, the tokenizer or the seed are never merged into one row.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,72 @@ def summary_table(results: list[JobResult], versus_reference: dict[int, str] | N
     body = []
     for index, result in enumerate(results):
         body.append([*identity_cells(result, extra), *(result.metric_text(n) for n in names),
-                     *([versus_reference.get(index, "")] if paired else []), *cost_cells(result), status_text(result)])
+                     *([str(versus_reference.get(index, ""))] if paired else []), *cost_cells(result), status_text(result)])
     return header, body
 
 
+def summary_records(results: list[JobResult], versus_reference: dict[int, Versus] | None = None) -> list[dict[str, Any]]:
+    """The summary as numbers, one column per value (``spearman``, ``spearman_ci_low``, …): what
+    summary.csv and the parent run's table hold, sortable and plottable. NaN: undefined or none."""
+    extra = identity_columns(results)[4:]
+    names = metric_order(results)
+    records = []
+    for index, result in enumerate(results):
+        settings = identity(result.settings)
+        label = result.label
+        record: dict[str, Any] = {"job": result.job, "encoder": label["encoder"], "pooler": label["pooler"],
+                                  "postprocess": label.get("postprocess", "none"), "dataset": label["dataset"],
+                                  "split": label["split"], "layer": result.layer_number,
+                                  **{key: settings.get(key, "") for key in extra}}
+        for name in names:
+            for key in (name, f"{name}_ci_low", f"{name}_ci_high"):
+                record[key] = float(result.metrics.get(key, float("nan")))
+        if versus_reference:
+            versus = versus_reference.get(index, Versus(""))
+            record.update(delta_spearman=versus.delta, delta_spearman_ci_low=versus.low, delta_spearman_ci_high=versus.high)
+        per_second = result.metrics.get("pairs_per_second")
+        memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
+        record.update(n=int(result.metrics["n_pairs"]) if "n_pairs" in result.metrics else None, states=result.states,
+                      ms_per_pair=1000 / per_second if per_second else float("nan"),
+                      peak_memory_mb=float(memory) if memory is not None else float("nan"),
+                      status=result.status, origin=result.origin, error=result.error)
+        records.append(record)
+    return records
+
+
+def write_records_csv(records: list[dict[str, Any]], path: Path) -> None:
+    """Numbers at full precision (``repr``), empty for none; the columns are the records' keys, in order."""
+    import csv
+    import math
+
+    columns = list(dict.fromkeys(key for record in records for key in record))
+
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return repr(value) if isinstance(value, float) else value
+
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows([cell(record.get(key)) for key in columns] for record in records)
+
+
+@dataclass
+class Versus:
+    """A config's paired difference to the reference: as Markdown shows it, and as numbers (NaN: none)."""
+
+    text: str
+    delta: float = float("nan")
+    low: float = float("nan")
+    high: float = float("nan")
+
+    def __str__(self) -> str:
+        return self.text
+
+
 def compare_with_reference(results: list[JobResult], reference_job: int | None = None, resamples: int = 1000,
-                           confidence: float = 0.95, seed: int = 0) -> dict[int, str]:
+                           confidence: float = 0.95, seed: int = 0) -> dict[int, Versus]:
     """Spearman(config) − Spearman(reference), with a paired bootstrap CI, per dataset/split.
 
     Both are resampled with the same pair indices, so the CI reflects the difference itself, not
@@ -69,7 +130,7 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
 
     from framework.bootstrap import rank_correlation, resample_counts
 
-    texts: dict[int, str] = {}
+    texts: dict[int, Versus] = {}
     finished = [(i, r) for i, r in enumerate(results) if r.finished and r.scores is not None]
     for key in sorted({(r.label["dataset"], r.label["split"]) for _, r in finished}):
         group = sorted(((i, r) for i, r in finished if (r.label["dataset"], r.label["split"]) == key),
@@ -81,17 +142,17 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
             reference_index, reference = chosen[0]
         else:
             reference_index, reference = group[0]
-        texts[reference_index] = f"reference (job {reference.job})" if reference.job is not None else "reference"
+        texts[reference_index] = Versus(f"reference (job {reference.job})" if reference.job is not None else "reference", 0.0, 0.0, 0.0)
         for index, result in group:
             if index == reference_index:
                 continue
             paired = paired_scores(reference.scores, result.scores)
             if paired is None:
-                texts[index] = "different pairs"
+                texts[index] = Versus("different pairs")
                 continue
             labels, base_scores, scores = paired
             if np.ptp(scores) == 0 or np.ptp(base_scores) == 0:
-                texts[index] = "undefined: constant scores"  # e.g. [CLS] at the embedding layer
+                texts[index] = Versus("undefined: constant scores")  # e.g. [CLS] at the embedding layer
                 continue
             point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
             of_config, of_reference = rank_correlation(scores, labels), rank_correlation(base_scores, labels)
@@ -99,7 +160,7 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
             tail = (1 - confidence) / 2 * 100
             low, high = np.nanpercentile(deltas, [tail, 100 - tail])
             mark = " *" if low > 0 or high < 0 else ""
-            texts[index] = f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}"
+            texts[index] = Versus(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}", float(point), float(low), float(high))
     return texts
 
 
@@ -245,20 +306,28 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
 def write_summary_files(results: list[JobResult], folder: Path, options: dict[str, Any] | None = None) -> dict[str, Path]:
     """summary.csv, summary.md and metrics_by_layer.png of a sweep's results, in ``folder``."""
     options = options or {}
+    results = [r for r in results if not is_same_config(r)]  # a baseline swept over layers: one row, one band
     versus = compare_with_reference(results, options.get("reference"), int(options.get("resamples", 1000)),
                                     seed=int(options.get("seed", 0)))
     header, body = summary_table(results, versus)
     files = {"summary.csv": folder / "summary.csv", "summary.md": folder / "summary.md",
              "metrics_by_layer.png": folder / "metrics_by_layer.png"}
-    write_csv(header, body, files["summary.csv"])
+    write_records_csv(summary_records(results, versus), files["summary.csv"])
     files["summary.md"].write_text(markdown(*compact(header, body, results)), encoding="utf-8")
     plot_metrics_by_layer(results, files["metrics_by_layer.png"])
     return files
 
 
+def is_same_config(result: JobResult) -> bool:
+    """A job of a sweep that had another job's config (an encoder without layers, swept over layers)."""
+    return result.origin.startswith("same config")
+
+
 def print_summary(results: list[JobResult], files: dict[str, Path], sweep, status: str) -> None:
     table = files["summary.md"].read_text(encoding="utf-8")
     reused = sum(r.origin == "reused" for r in results)
-    counts = f"{len(results)} job(s), {sum(r.finished for r in results)} finished" + (f", {reused} reused" if reused else "")
+    same = sum(is_same_config(r) for r in results)
+    counts = (f"{len(results)} job(s), {sum(r.finished for r in results)} finished" + (f", {reused} reused" if reused else "")
+              + (f", {same} with the config of another job (no layers to sweep)" if same else ""))
     print(f"\nsweep summary ({status}; {counts}; sweep {sweep.id} in {sweep.dir}):\n{table}", flush=True)
 

@@ -148,7 +148,7 @@ def test_paired_delta_uses_every_pair_when_ids_repeat():
     ids = [i % 10 for i in range(100)]
     texts = compare_with_reference([job_result(0, ids, labels, base), job_result(1, ids, labels, other)], resamples=200)
     expected = stats.spearmanr(other, labels).statistic - stats.spearmanr(base, labels).statistic
-    assert texts[1].startswith(f"{expected:+.4f} ")
+    assert texts[1].text.startswith(f"{expected:+.4f} ") and texts[1].delta == pytest.approx(expected, abs=1e-12)
 
 
 def test_paired_delta_ci_equals_the_per_resample_loop():
@@ -157,7 +157,7 @@ def test_paired_delta_ci_equals_the_per_resample_loop():
     labels, base = tied_data(80, seed=12, graded=True)
     other = base + np.random.default_rng(1).normal(size=80)
     ids = list(range(80))
-    text = compare_with_reference([job_result(0, ids, labels, base), job_result(1, ids, labels, other)], resamples=300, seed=4)[1]
+    text = compare_with_reference([job_result(0, ids, labels, base), job_result(1, ids, labels, other)], resamples=300, seed=4)[1].text
     order = sorted(range(80), key=str)  # unique ids: matched in sorted id order, as before
     l, b, o = labels[order], base[order], other[order]
     deltas = [stats.spearmanr(o[s], l[s]).statistic - stats.spearmanr(b[s], l[s]).statistic for s in resample_indices(80, 300, 4)]

@@ -123,6 +123,16 @@ def test_third_party_pooler_joins_a_sweep_through_its_entry_point(run_cli, tmp_p
     assert finished["maxpool"].data.params["pooler.power"] == "4.0"  # its schema's default
     assert "glove maxpool mrpc/validation" in result.stdout
 
+    # A plugin's option sweeps like a built-in's, beside a pooler without it: mean runs once.
+    swept = run_cli("-m", f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "pooler=mean,maxpool",
+                    "pooler.power=2.0,3.0", "tracking.experiment=options", env=env)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    runs = [r for r in swept.runs("options") if "pooler.name" in r.data.params]
+    assert sorted((r.data.params["pooler.name"], r.data.params.get("pooler.power")) for r in runs) == [
+        ("maxpool", "2.0"), ("maxpool", "3.0"), ("mean", None)]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert "4 job(s), 4 finished, 1 with the config of another job" in swept.stdout
+
 
 @needs_shared_data
 def test_the_papers_glove_baseline_on_real_mrpc(run_cli):

@@ -230,6 +230,40 @@ def test_sweep_over_layers_and_poolers_logs_layer_and_block(run_cli, tiny_mrpc, 
     assert all(r.data.metrics["encoder.tokens"] > 0 for r in jobs)
 
 
+def test_a_baseline_without_layers_shares_a_sweep_over_layers_and_the_parent_answers(run_cli, tiny_mrpc, tiny_vectors, world_pth):
+    """GloVe beside RWKV layers in one sweep: GloVe runs once (the other layer values are the same
+    config, not failures); each encoder's own options apply to it alone; the sweep's parent run
+    holds the best config per dataset, the shared settings and the summary as a numeric table."""
+    import csv
+    from pathlib import Path
+
+    result = run_cli("-m", "encoder=glove,rwkv", f"encoder.model={world_pth}", f"encoder.vectors={tiny_vectors}",
+                     "layer=1,3", "pooler=mean", "dataset=mrpc", f"dataset.data_dir={tiny_mrpc}", "dataset.limit=16",
+                     "metric=spearman", "metric.calibration_split=null", "metric.bootstrap_resamples=50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 job(s), 4 finished, 1 with the config of another job" in result.stdout
+    (parent,) = result.parents()
+    children = result.children(parent)
+    assert sorted((r.data.params["encoder.name"], r.data.params["layer"]) for r in children) == [
+        ("glove", "null"), ("rwkv", "1"), ("rwkv", "3")]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert "encoder.model" not in next(r for r in children if r.data.params["encoder.name"] == "glove").data.params
+    best = max(children, key=lambda r: r.data.metrics["spearman"])
+    assert parent.data.metrics["best.spearman.mrpc_validation"] == best.data.metrics["spearman"]
+    assert parent.data.metrics["best.spearman.mrpc_validation.ci_low"] == best.data.metrics["spearman_ci_low"]
+    winner = next(r for r in children if r.info.run_id == parent.data.tags["best.spearman.mrpc_validation.run"])
+    assert winner.data.metrics["spearman"] == best.data.metrics["spearman"]  # (a tie may pick either)
+    assert parent.data.tags["best.spearman.mrpc_validation.layer"] == winner.data.params["layer_index"]
+    assert parent.data.params["dataset.limit"] == "16" and "encoder.name" not in parent.data.params  # shared settings only
+    assert not parent.data.tags["mlflow.runName"].count("tracking.dir")
+    artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
+    assert (artifacts / "summary_table.json").is_file()
+    rows = list(csv.DictReader((artifacts / "summary.csv").read_text().splitlines()))
+    assert len(rows) == 3 and {float(row["spearman"]) for row in rows} == {r.data.metrics["spearman"] for r in children}
+    client = result.client()
+    assert client.get_experiment_by_name("layerprobe").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_deeper_layer_resumes_from_a_cached_shallower_one(world_pth, tmp_path):
     from framework.cache import CachedEncoder, TokenStateCache
 

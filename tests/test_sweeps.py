@@ -94,10 +94,15 @@ def test_plugin_metric_and_a_dataset_without_split_or_limit_reach_summary_plot_a
     parent, children = assert_one_finished_sweep(result, 2)
     assert all("kendall" in r.data.metrics and "kendall_ci_low" in r.data.metrics for r in children)
     summary = (Path(parent.info.artifact_uri.removeprefix("file://")) / "summary.csv").read_text()  # every column
-    header = summary.splitlines()[0]
-    assert ",spearman,kendall," in header
-    kendall = {r.data.params["pooler.name"]: r.data.metrics["kendall"] for r in children}
-    assert f"{kendall['mean']:.4f}" in summary and f"{kendall['max']:.4f}" in summary
+    import csv
+
+    rows = list(csv.DictReader(summary.splitlines()))  # numbers, one column per value: sortable, plottable
+    assert {"spearman", "spearman_ci_low", "spearman_ci_high", "kendall", "kendall_ci_low", "kendall_ci_high"} <= set(rows[0])
+    kendall = {r.data.params["pooler.name"]: r.data.metrics for r in children}
+    for row in rows:
+        logged = kendall[row["pooler"]]
+        assert [float(row[k]) for k in ("kendall", "kendall_ci_low", "kendall_ci_high")] == \
+            [logged["kendall"], logged["kendall_ci_low"], logged["kendall_ci_high"]]
     table = build_report(result.tracker(), None, "kendall", tmp_path / "report")
     assert f"{kendall['mean']:.4f}" in table
     assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -122,8 +122,9 @@ def _experiment_id(client, name: str, artifact_folder: str | None) -> str:
                                   "or set tracking.experiment to another name")
         return found.experiment_id
     location = (Path(artifact_folder) / name).as_uri() if artifact_folder else None
-    try:
-        return client.create_experiment(name, artifact_location=location)
+    try:  # an experiment of the machine-learning kind: MLflow's UI would otherwise open it in its GenAI mode
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.experimentKind": "custom_model_development"})
     except MlflowException:
         found = client.get_experiment_by_name(name)  # another process created it at the same moment
         if found is None:

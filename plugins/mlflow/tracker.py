@@ -53,7 +53,11 @@ class MLflowTracker:
 
     def start_sweep(self, sweep: SweepInfo) -> dict[str, Any]:
         overrides = " ".join(sweep.overrides)
-        run = self.client.create_run(self.experiment_id, run_name=f"sweep: {overrides}"[:250], tags={
+        from framework.results import NON_IDENTITY_KEYS, NON_IDENTITY_PREFIXES
+
+        named = " ".join(o for o in sweep.overrides  # where results go is not what the sweep is
+                         if not o.lstrip("+~").startswith(NON_IDENTITY_PREFIXES) and o.lstrip("+~").split("=")[0] not in NON_IDENTITY_KEYS)
+        run = self.client.create_run(self.experiment_id, run_name=f"sweep: {named}"[:250], tags={
             TAG_SWEEP: "true", TAG_SWEEP_ID: sweep.id, "layerprobe.sweep_dir": sweep.dir, "overrides": overrides[:5000],
             TAG_PROCESS: sweep.process})
         return {"parent_run_id": run.info.run_id, "experiment_id": self.experiment_id}
@@ -73,15 +77,60 @@ class MLflowTracker:
             client.set_tag(run.info.run_id, "error", error[:4000])
             client.set_terminated(run.info.run_id, "FAILED" if result else "KILLED")
         self._save_view(parent)
+        self._log_answer(parent, results)
         for key, value in {"jobs": len(results), "failed_jobs": sum(r.status == "FAILED" for r in results),
                            "killed_jobs": sum(r.status == "KILLED" for r in results),
-                           "reused_jobs": sum(r.origin == "reused" for r in results)}.items():
+                           "reused_jobs": sum(r.origin == "reused" for r in results),
+                           "same_config_jobs": sum(r.origin.startswith("same config") for r in results)}.items():
             client.set_tag(parent, key, str(value))
         client.set_terminated(parent, status)
         uri = tracking_uri(self.options)
         ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
         start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
         print(f"MLflow: {start}{self.view_url(ui.rstrip('/'))} (this sweep is run {parent})", flush=True)
+
+    def _log_answer(self, parent: str, results: list[JobResult]) -> None:
+        """What the sweep found, on its parent run: per dataset/split the best config by the headline
+        metric (``best.spearman.mrpc_validation`` with its CI, the winner's encoder, layer, pooler and
+        post-process as tags), the settings every job shared as params, and the summary as a table
+        MLflow shows (``summary_table.json``)."""
+        from framework.results import identity
+        from framework.summary import compare_with_reference, is_same_config, summary_records
+
+        results = [r for r in results if not is_same_config(r)]
+        finished = [r for r in results if r.finished]
+        client = self.client
+        metric = "spearman" if any("spearman" in r.metrics for r in finished) else next(
+            (name for r in finished for name in r.metric_names if name in r.metrics), None)
+        if metric is not None:
+            from mlflow.entities import Metric
+
+            now, items, tags = int(time.time() * 1000), [], {}
+            for dataset, split in sorted({(r.label["dataset"], r.label["split"]) for r in finished}):
+                group = [r for r in finished if (r.label["dataset"], r.label["split"]) == (dataset, split)
+                         and r.metrics.get(metric) == r.metrics.get(metric)]  # NaN (undefined) never wins
+                if not group:
+                    continue
+                best = max(group, key=lambda r: r.metrics[metric])
+                key = f"best.{metric}.{_metric_key(dataset)}_{_metric_key(split)}"
+                items += [Metric(key + suffix, float(best.metrics[name]), now, 0)
+                          for suffix, name in (("", metric), (".ci_low", f"{metric}_ci_low"), (".ci_high", f"{metric}_ci_high"))
+                          if name in best.metrics]
+                tags.update({f"{key}.{part}": best.label[part] for part in ("encoder", "layer", "pooler", "postprocess")})
+                tags[f"{key}.run"] = best.run_ref
+            for start in range(0, len(items), 1000):
+                client.log_batch(parent, metrics=items[start:start + 1000])
+            for name, value in tags.items():
+                client.set_tag(parent, name, str(value)[:5000])
+        identities = [identity(r.settings) for r in results]
+        if identities:
+            shared = {key: value for key, value in identities[0].items() if all(i.get(key) == value for i in identities[1:])}
+            self._log_params(parent, shared)
+        records = summary_records(results, compare_with_reference(results))
+        if records:
+            columns = list(dict.fromkeys(key for record in records for key in record))
+            client.log_table(parent, data={c: [record.get(c) for record in records] for c in columns},
+                             artifact_file="summary_table.json")
 
     def _save_view(self, parent: str) -> None:
         """A saved view of the runs table with the columns a researcher reads (MLflow's default table
@@ -114,7 +163,7 @@ class MLflowTracker:
         return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
 
     def view_url(self, ui: str = "http://127.0.0.1:5000") -> str:
-        return f"{ui}/#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+        return f"{ui}/#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
 
     def _parent(self, sweep: SweepInfo | None) -> str | None:
         if sweep is None:
@@ -366,6 +415,13 @@ class MLflowTracker:
             token = page.token
             if not token or len(runs) >= max_results:
                 return runs[:max_results]
+
+
+def _metric_key(text: str) -> str:
+    """A dataset or split name as part of an MLflow metric key (letters, digits, ``_ - . /`` only)."""
+    import re
+
+    return re.sub(r"[^0-9A-Za-z_\-]", "_", str(text))
 
 
 def check_experiment_name(name: str | None) -> None:
