@@ -200,6 +200,8 @@ class Evaluation:
     def logged_metrics(self) -> dict[str, float]:
         """Every number of the job, flat: metrics with CIs and fitted extras, timings, counts, memory."""
         metrics: dict[str, float] = {"n_pairs": len(self.pairs), **self.timings, **self.memory}
+        if self.layer.index is not None:  # a number, so MLflow's runs table sorts a sweep by layer (params sort as text)
+            metrics["layer"] = self.layer.index
         for value in self.metrics:
             metrics[value.name] = value.value
             if value.ci_low is not None:

@@ -329,7 +329,7 @@ def _is_multirun() -> bool:
 
 def run_name(cfg: DictConfig, settings: dict, sweep, layer_label: str | None = None) -> str:
     """``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation``, plus the swept settings not in it."""
-    return run_title(labels_of(settings, layer_label), settings, swept_keys(sweep.overrides) if sweep else [])
+    return run_title(labels_of(settings, layer_label), settings, swept_keys(sweep.overrides) if sweep else [], sweep is not None)
 
 
 def _texts(job: JobInfo) -> dict[str, str]:

@@ -133,6 +133,7 @@ def _plan_stages(cfg: DictConfig, registry: Registry, components: dict[str, Any]
     split = Split(cfg.dataset.get("split", "validation"), cfg.dataset.get("limit"), "dataset.split")
     if not split.name:
         raise LayerprobeError("dataset.split is not set; e.g. dataset.split=validation")
+    _check_split(dataset, split)  # before any run exists: a bad split leaves no FAILED run behind
     if split.limit is not None and (isinstance(split.limit, bool) or not isinstance(split.limit, int) or split.limit < 1):
         raise LayerprobeError(f"dataset.limit={split.limit} must be a positive number of rows (or null for all)")
     pooler_train = None

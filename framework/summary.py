@@ -15,7 +15,8 @@ import numpy as np
 from framework.results import JobResult, identity, metric_order, varying_settings
 
 # ms_per_pair: producing the states (what computing them cost, also when read from the cache), pooling, cosine.
-COST_COLUMNS = ("n", "states", "ms_per_pair", "peak_memory_mb")
+# fit_s: what fitting a learned pooler or a post-processor cost on the train split (its states and the fit), "" if none.
+COST_COLUMNS = ("n", "states", "ms_per_pair", "fit_s", "peak_memory_mb")
 
 
 def identity_columns(results: list[JobResult]) -> list[str]:
@@ -33,14 +34,24 @@ def identity_cells(result: JobResult, extra: list[str]) -> list[str]:
 def cost_cells(result: JobResult) -> list[str]:
     per_second = result.metrics.get("pairs_per_second")
     memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
+    fit = fit_cost(result)
     return [str(int(result.metrics["n_pairs"])) if "n_pairs" in result.metrics else "", result.states,
-            f"{1000 / per_second:.4f}" if per_second else "",
+            f"{1000 / per_second:.4f}" if per_second else "", f"{fit:.2f}" if fit is not None else "",
             f"{memory:.0f}" if memory is not None else ""]
 
 
+def fit_cost(result: JobResult) -> float | None:
+    """Seconds the job's fit on the train split cost (encoding it and fitting), or None when nothing was fit."""
+    if "fit_seconds" not in result.metrics:
+        return None
+    return result.metrics["fit_seconds"] + result.metrics.get("fit_encode_seconds", 0.0)
+
+
 def status_text(result: JobResult) -> str:
+    import textwrap
+
     text = result.status + (" (reused)" if result.origin == "reused" else "")
-    return f"{text}: {result.error[:120]}" if result.error else text
+    return f"{text}: {textwrap.shorten(result.error, 160, placeholder=' …')}" if result.error else text  # cut between words
 
 
 def summary_table(results: list[JobResult], versus_reference: dict[int, str] | None = None) -> tuple[list[str], list[list[str]]]:
@@ -66,9 +77,9 @@ def summary_records(results: list[JobResult], versus_reference: dict[int, Versus
     for index, result in enumerate(results):
         settings = identity(result.settings)
         label = result.label
-        record: dict[str, Any] = {"job": result.job, "encoder": label["encoder"], "pooler": label["pooler"],
-                                  "postprocess": label.get("postprocess", "none"), "dataset": label["dataset"],
-                                  "split": label["split"], "layer": result.layer_number,
+        record: dict[str, Any] = {"job": result.job, "encoder": label.get("encoder", ""), "pooler": label.get("pooler", ""),
+                                  "postprocess": label.get("postprocess", "none"), "dataset": label.get("dataset", ""),
+                                  "split": label.get("split", ""), "layer": result.layer_number,
                                   **{key: settings.get(key, "") for key in extra}}
         for name in names:
             for key in (name, f"{name}_ci_low", f"{name}_ci_high"):
@@ -80,6 +91,7 @@ def summary_records(results: list[JobResult], versus_reference: dict[int, Versus
         memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
         record.update(n=int(result.metrics["n_pairs"]) if "n_pairs" in result.metrics else None, states=result.states,
                       ms_per_pair=1000 / per_second if per_second else float("nan"),
+                      fit_seconds=fit_cost(result) if fit_cost(result) is not None else float("nan"),
                       peak_memory_mb=float(memory) if memory is not None else float("nan"),
                       status=result.status, origin=result.origin, error=result.error)
         records.append(record)
@@ -222,11 +234,13 @@ def write_csv(header: list[str], body: list[list[str]], path: Path) -> None:
 def line_label(result: JobResult, extra: list[str]) -> str:
     """A plot line: encoder/pooler plus every differing setting (not the layer, the x axis)."""
     settings = identity(result.settings)
-    parts = [f"{result.label['encoder']}/{result.label['pooler']}"]
-    parts += [f"{key}={settings.get(key, '')}" for key in extra if key != "layer"]
-    return " ".join(parts)
+    post = result.label.get("postprocess", "none")
+    parts = [f"{result.label['encoder']}/{result.label['pooler']}" + (f" +{post}" if post != "none" else "")]
+    parts += [f"{key}={settings[key]}" for key in extra if key not in ("layer", "postprocess.name") and key in settings]
+    return " ".join(parts)  # a setting the result lacks (another encoder's option) is not shown as key=
 
 
+UNDEFINED = "undefined (NaN, e.g. constant scores)"  # one rendering of an undefined value, in every plot
 LINE_STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
@@ -271,6 +285,11 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
                 if layered:
                     xs = [r.layer_number for r in layered]
                     handles[label] = axis.plot(xs, [r.metrics[name] for r in layered], label=label, markersize=4, **style)[0]
+                    undefined = [r.layer_number for r in layered if r.metrics[name] != r.metrics[name]]
+                    if undefined:  # NaN: drawn as × on the panel's floor, explained once in the legend
+                        handles[UNDEFINED] = axis.plot(undefined, [0.02] * len(undefined), linestyle="none", marker="x",
+                                                       color=style["color"], markersize=7, clip_on=False,
+                                                       transform=axis.get_xaxis_transform())[0]
                     banded = [r for r in layered if f"{name}_ci_low" in r.metrics]  # a point without a CI breaks no band
                     if banded:
                         axis.fill_between([r.layer_number for r in banded], [r.metrics[f"{name}_ci_low"] for r in banded],
@@ -297,6 +316,8 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
                 axis.set_xticks([])
                 axis.set_xlabel("(no layers: baselines only)")
             axis.grid(alpha=0.3)
+    if UNDEFINED in handles:
+        handles[UNDEFINED] = handles.pop(UNDEFINED)  # last in the legend
     if handles:
         figure.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small",
                       frameon=False)

@@ -37,7 +37,7 @@ def test_single_job_logs_params_metrics_and_per_pair_scores(run_cli, tiny_mrpc, 
 
 @pytest.mark.parametrize("args, expected", [
     (["dataset.data_dir=/no/such/folder"], "dataset.data_dir=/no/such/folder is not a folder"),
-    (["pooler=nosuch"], "unknown pooler 'nosuch'; available: attn, cls, last, max, mean"),
+    (["pooler=nosuch"], "unknown pooler 'nosuch'; available: attn, cls, last, max"),  # then installed plugins' and mean
     (["-m", "pooler=mean,nosuch"], "unknown pooler 'nosuch'"),
     (["layer=3"], "glove has no layers"),
     (["dataset.data_dir={bad}"], "missing column '#2 String'"),
@@ -61,12 +61,12 @@ def test_sweep_nests_jobs_under_a_parent_and_a_failing_job_does_not_stop_it(run_
     parents = [r for r in runs if r.data.tags.get("layerprobe.sweep") == "true"]
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
-    failed = [r for r in children if r.info.status == "FAILED"]
-    assert all("no split 'nosuch'" in r.data.tags["error"] for r in failed)
+    # The bad split is rejected before a run exists (no FAILED run clutters the list); the summary
+    # still says so for both of its jobs.
+    assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
     artifacts = Path(parents[0].info.artifact_uri.removeprefix("file://"))
     summary = (artifacts / "summary.md").read_text()
-    assert summary.count("| glove |") == 4 and "FAILED" in summary
+    assert summary.count("| glove |") == 4 and summary.count("FAILED: dataset.split=nosuch: this dataset has no such split") == 2
     assert (artifacts / "summary.csv").is_file()
     assert (artifacts / "metrics_by_layer.png").read_bytes()[:4] == b"\x89PNG"
     assert parents[0].data.tags["failed_jobs"] == "2"
@@ -95,7 +95,7 @@ THIRD_PARTY_PLUGIN = '''
 
     @hookimpl
     def register_poolers(register):
-        register("maxpool", lambda options: PowerMeanPooler(options), Options)
+        register("powermean", lambda options: PowerMeanPooler(options), Options)
 '''
 
 
@@ -116,20 +116,20 @@ def test_third_party_pooler_joins_a_sweep_through_its_entry_point(run_cli, tmp_p
 
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
     result = run_cli("-m", f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}",
-                     "pooler=mean,maxpool", env=env)
+                     "pooler=mean,powermean", env=env)
     assert result.returncode == 0, result.stderr
     finished = {r.data.params["pooler.name"]: r for r in result.runs() if r.info.status == "FINISHED" and "pooler.name" in r.data.params}
-    assert set(finished) == {"mean", "maxpool"}
-    assert finished["maxpool"].data.params["pooler.power"] == "4.0"  # its schema's default
-    assert "glove maxpool mrpc/validation" in result.stdout
+    assert set(finished) == {"mean", "powermean"}
+    assert finished["powermean"].data.params["pooler.power"] == "4.0"  # its schema's default
+    assert "glove powermean mrpc/validation" in result.stdout
 
     # A plugin's option sweeps like a built-in's, beside a pooler without it: mean runs once.
-    swept = run_cli("-m", f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "pooler=mean,maxpool",
+    swept = run_cli("-m", f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "pooler=mean,powermean",
                     "pooler.power=2.0,3.0", "tracking.experiment=options", env=env)
     assert swept.returncode == 0, swept.stderr[-3000:]
     runs = [r for r in swept.runs("options") if "pooler.name" in r.data.params]
     assert sorted((r.data.params["pooler.name"], r.data.params.get("pooler.power")) for r in runs) == [
-        ("maxpool", "2.0"), ("maxpool", "3.0"), ("mean", None)]
+        ("mean", None), ("powermean", "2.0"), ("powermean", "3.0")]
     assert all(r.info.status == "FINISHED" for r in runs)
     assert "4 job(s), 4 finished, 1 with the config of another job" in swept.stdout
 

@@ -19,14 +19,14 @@ def test_an_error_every_job_would_hit_stops_the_sweep_at_the_first_job(run_cli, 
 
 
 def test_an_error_in_a_swept_setting_fails_only_its_jobs(run_cli, tiny_mrpc, tiny_vectors):
-    result = run_cli("-m", f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "layer=null,3")
+    result = run_cli("-m", f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "dataset.split=validation,nosuch")
     assert result.returncode == 1
-    assert sum("glove has no layers" in line for line in result.error_lines) == 1
+    assert sum("dataset.split=nosuch: this dataset has no such split" in line for line in result.error_lines) == 1
     (parent,) = result.parents()
     children = result.children(parent)
-    assert [r.info.status for r in children] == ["FINISHED"]  # layer=3 is rejected before a run exists
+    assert [r.info.status for r in children] == ["FINISHED"]  # the bad split is rejected before a run exists
     summary = (result.store / "artifacts").rglob("summary.md")
-    assert any("glove has no layers" in path.read_text() for path in summary)
+    assert any("dataset.split=nosuch: this dataset has no such split" in path.read_text() for path in summary)
 
 
 def test_jobs_record_where_their_seconds_went(run_cli, tiny_mrpc, tiny_vectors, tmp_path):

@@ -104,7 +104,7 @@ def test_plugin_metric_and_a_dataset_without_split_or_limit_reach_summary_plot_a
         assert [float(row[k]) for k in ("kendall", "kendall_ci_low", "kendall_ci_high")] == \
             [logged["kendall"], logged["kendall_ci_low"], logged["kendall_ci_high"]]
     table = build_report(result.tracker(), None, "kendall", tmp_path / "report")
-    assert f"{kendall['mean']:.4f}" in table
+    assert f"{kendall['mean']['kendall']:.4f}" in table
     assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -91,7 +91,10 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
                     new = not database.exists()
                     try:
                         client = MlflowClient(uri)
-                        return client, _experiment_id(client, experiment, artifact_folder)
+                        found = _experiment_id(client, experiment, artifact_folder)
+                        if new:
+                            _hide_default_experiment(client)
+                        return client, found
                     except Exception as error:
                         failure = storage_failure(error)
                         if failure is None:
@@ -110,6 +113,18 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
         return client, _experiment_id(client, experiment, artifact_folder)
     except MlflowException as error:
         raise LayerprobeError(f"MLflow store {uri}: {(str(error).splitlines() or [''])[0][:300]}") from None
+
+
+def _hide_default_experiment(client) -> None:
+    """A store layerprobe created shows its own experiment only: MLflow's empty ``Default`` (id 0,
+    which every store must hold) is marked deleted, so its UI does not list it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if client.get_experiment("0").name == "Default" and not client.search_runs(["0"], max_results=1):
+            client.delete_experiment("0")
+    except MlflowException:
+        pass
 
 
 def _experiment_id(client, name: str, artifact_folder: str | None) -> str:

@@ -134,7 +134,8 @@ class MLflowTracker:
 
     def _save_view(self, parent: str) -> None:
         """A saved view of the runs table with the columns a researcher reads (MLflow's default table
-        shows no params or metrics; which ones is per-browser state), newest first. MLflow does not
+        shows no params or metrics; which ones is per-browser state): the headline metric and its CI
+        first, ordered by layer. MLflow does not
         share which sweeps are expanded: one click on the sweep's run opens its jobs.
 
         MLflow's UI loads it from the experiment tag ``mlflow.sharedViewState.<key>`` when its URL
@@ -142,9 +143,10 @@ class MLflowTracker:
         """
         import json
 
-        view = {"selectedColumns": [f"params.`{key}`" for key in ("model", "layer_index", "pooler", "postprocess", "dataset", "split")]
-                + ["metrics.`spearman`", "metrics.`spearman_ci_low`", "metrics.`spearman_ci_high`", "params.`states`", "attributes.`Dataset`"],
-                "orderByKey": "attributes.start_time", "orderByAsc": False}
+        view = {"selectedColumns": ["metrics.`spearman`", "metrics.`spearman_ci_low`", "metrics.`spearman_ci_high`"]
+                + [f"params.`{key}`" for key in ("model", "layer_index", "pooler", "postprocess", "dataset", "split", "states")]
+                + ["attributes.`Dataset`"],
+                "orderByKey": "metrics.`layer`", "orderByAsc": True}  # a sweep reads like the paper's table: by layer
         self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
 
     def unavailable(self) -> str | None:
