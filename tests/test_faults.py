@@ -333,3 +333,19 @@ def test_a_cache_folder_that_takes_no_writes_degrades_to_memory_with_a_warning(t
     again = CachedEncoder(CountingEncoder(), TokenStateCache(str(disk), 1.0))
     assert len(list(again.encode(["a", "b"], Layer()))) == 1  # the lock folder cannot be made: computed, unlocked
     assert again.cache.unwritable is not None
+
+
+def test_a_sweep_whose_artifacts_fill_the_disk_stops_and_leaves_nothing_running(run_cli, tmp_path, small_disk, tiny_vectors):
+    from conftest import MRPC_ROWS, write_mrpc
+    from mlflow.tracking import MlflowClient
+
+    data = write_mrpc(tmp_path / "MRPC", rows=MRPC_ROWS * 40)
+    store = tmp_path / "mlruns"
+    small_disk(store / "artifacts" / "layerprobe", "4k")
+    result = run_cli("-m", f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={data}", "metric=spearman",
+                     "pooler=mean,max", f"tracking.dir={store}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert any("no space left" in line and "stopping the sweep" in line for line in result.error_lines), result.stderr[-3000:]
+    runs = MlflowClient(f"sqlite:///{store / 'mlflow.db'}").search_runs(["1"])
+    assert runs and all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert list(tmp_path.glob("mlruns/hydra/*/*/summary/summary.md"))  # the summary is kept beside the sweep

@@ -67,6 +67,24 @@ class MLflowTracker:
         if parent is None:
             return
         client = self.client
+        try:
+            self._end_sweep_records(parent, results, files)
+        except Exception as error:  # a full disk, say: the parent still ends, with why, when the store takes that much
+            from framework.errors import storage_failure
+
+            if storage_failure(error) is not None:
+                with contextlib.suppress(Exception):
+                    client.set_tag(parent, "error", f"the sweep's summary could not be recorded: {storage_failure(error)}")
+                    client.set_terminated(parent, "FAILED")
+            raise
+        client.set_terminated(parent, status)
+        uri = tracking_uri(self.options)
+        ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
+        print(f"MLflow: {start}{self.view_url(ui.rstrip('/'))} (this sweep is run {parent})", flush=True)
+
+    def _end_sweep_records(self, parent: str, results: list[JobResult], files: dict[str, Path]) -> None:
+        client = self.client
         for path in files.values():
             client.log_artifact(parent, str(path))
         failed = {str(r.job): r for r in results if r.status == "FAILED" and r.job is not None}
@@ -83,11 +101,6 @@ class MLflowTracker:
                            "reused_jobs": sum(r.origin == "reused" for r in results),
                            "same_config_jobs": sum(r.origin.startswith("same config") for r in results)}.items():
             client.set_tag(parent, key, str(value))
-        client.set_terminated(parent, status)
-        uri = tracking_uri(self.options)
-        ui = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        start = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then open "
-        print(f"MLflow: {start}{self.view_url(ui.rstrip('/'))} (this sweep is run {parent})", flush=True)
 
     def _log_answer(self, parent: str, results: list[JobResult]) -> None:
         """What the sweep found, on its parent run: per dataset/split the best config by the headline
