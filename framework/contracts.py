@@ -199,14 +199,15 @@ class Evaluation:
 
     def logged_metrics(self) -> dict[str, float]:
         """Every number of the job, flat: metrics with CIs and fitted extras, timings, counts, memory."""
-        metrics: dict[str, float] = {"n_pairs": len(self.pairs), **self.timings, **self.memory}
-        if self.layer.index is not None:  # a number, so MLflow's runs table sorts a sweep by layer (params sort as text)
-            metrics["layer"] = self.layer.index
-        for value in self.metrics:
+        metrics: dict[str, float] = {}
+        for value in self.metrics:  # first: MLflow's run page lists metrics in the order they were logged
             metrics[value.name] = value.value
             if value.ci_low is not None:
                 metrics[f"{value.name}_ci_low"], metrics[f"{value.name}_ci_high"] = value.ci_low, value.ci_high
             metrics.update({f"{value.name}_{key}": extra for key, extra in value.extras.items()})
+        metrics.update({"n_pairs": len(self.pairs), **self.timings, **self.memory})
+        if self.layer.index is not None:  # a number, so MLflow's runs table sorts a sweep by layer (params sort as text)
+            metrics["layer"] = self.layer.index
         metrics.update({f"encoder.{key}": count for key, count in self.encoder_counts.items()})
         return {key: float(value) for key, value in metrics.items()}
 

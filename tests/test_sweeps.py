@@ -310,7 +310,13 @@ def gated_sweep(store: Path, gate: Path, tiny_mrpc, testkit_env, *extra) -> subp
                                "dataset.size=8,12", f"pooler.gate={gate}", *TINY, "metric.calibration_split=null",
                                *extra, env=testkit_env)
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A sweep under test takes Ctrl-C as a user's would, also when the suite itself was started in the
+    background (a shell's ``cmd &`` leaves SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(predicate, seconds: float = 120):

@@ -55,7 +55,7 @@ class MLflowTracker:
         overrides = " ".join(sweep.overrides)
         from framework.results import NON_IDENTITY_KEYS, NON_IDENTITY_PREFIXES
 
-        named = " ".join(o for o in sweep.overrides  # where results go is not what the sweep is
+        named = " ".join(o.lstrip("+") for o in sweep.overrides  # where results go is not what the sweep is
                          if not o.lstrip("+~").startswith(NON_IDENTITY_PREFIXES) and o.lstrip("+~").split("=")[0] not in NON_IDENTITY_KEYS)
         run = self.client.create_run(self.experiment_id, run_name=f"sweep: {named}"[:250], tags={
             TAG_SWEEP: "true", TAG_SWEEP_ID: sweep.id, "layerprobe.sweep_dir": sweep.dir, "overrides": overrides[:5000],
