@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import sys
-import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -86,22 +85,22 @@ class SweepInfo:
         except (OSError, ValueError, KeyError):
             return None
 
-    def claim(self, config_hash: str, job: int | None) -> int | None:
-        """Make ``job`` the one job of this sweep that computes ``config_hash`` (an atomic create);
-        returns the number of the job that already holds it, or None when ``job`` got it."""
+    def claim(self, config_hash: str, job: int | None) -> dict | None:
+        """Make ``job`` the one job of this sweep that computes ``config_hash``; returns the holder's
+        claim (``job``, ``process``) when another job already holds it, or None when ``job`` got it.
+        The claim is written whole under a temporary name and linked into place: creating the link
+        is atomic and fails if the claim exists, so a reader never sees half a claim."""
         path = Path(self.dir) / "claims" / self.id / f"{config_hash}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        temporary.write_text(json.dumps({"job": job, "process": process_identity()}), encoding="utf-8")
         try:
-            with open(path, "x", encoding="utf-8") as out:
-                out.write(json.dumps({"job": job}))
+            os.link(temporary, path)
             return None
         except FileExistsError:
-            for _ in range(50):  # the holder writes its number right after creating the file
-                try:
-                    return json.loads(path.read_text(encoding="utf-8"))["job"]
-                except (ValueError, KeyError):
-                    time.sleep(0.02)
-            return -1
+            return json.loads(path.read_text(encoding="utf-8"))
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def write_result(self, result: JobResult) -> None:
         write_atomic(self.results_dir / f"{result.job if result.job is not None else uuid.uuid4().hex}.json", result.to_json())

@@ -1,5 +1,7 @@
 """The one exception type that reaches the user as a single line."""
 
+import errno
+
 
 class LayerprobeError(Exception):
     """Bad input from the user (config, files, plugin names, layers).
@@ -21,8 +23,8 @@ class SweepStopped(BaseException):
     """
 
 
-_STORAGE_ERRNOS = {28: "no space left on the device", 122: "disk quota exceeded", 30: "a read-only file system",
-                   27: "the file-size limit was reached"}  # ENOSPC, EDQUOT, EROFS, EFBIG
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "a read-only file system", errno.EFBIG: "the file-size limit was reached"}
 
 
 def storage_failure(error: BaseException) -> str | None:

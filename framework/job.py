@@ -33,14 +33,14 @@ def run_job(cfg: DictConfig) -> None:
     from framework.__main__ import drop_keys_not_defined
 
     CLOCK.reset()
-    narrowed = drop_keys_not_defined(cfg, registry())  # a swept option's key that this job's option lacks
+    plugins = registry()
+    narrowed = drop_keys_not_defined(cfg, plugins)  # a swept option's key that this job's option lacks
     sweep = current_sweep()
     multirun = sweep is not None or _is_multirun()
     number = HydraConfig.get().job.num if multirun else None
     settings = flatten(OmegaConf.to_container(cfg, resolve=True))
     output_dir = sweep.dir if sweep is not None else str(HydraConfig.get().runtime.output_dir)
     job = JobInfo(run_name(cfg, settings, sweep), cfg, settings, config_hash(settings), number, sweep, output_dir)
-    plugins = registry()
     try:
         tracker = plugins.build("tracker", cfg.tracking)
     except LayerprobeError as error:
@@ -133,22 +133,25 @@ def _at_layer_null(cfg: DictConfig) -> DictConfig:
     return baseline
 
 
-def _same_config_as(job: JobInfo, holder: int) -> None:
-    """A later job of a sweep with the config of job ``holder`` (a baseline swept over layers, an
-    option swept that its pooler or encoder lacks):
-    not run again; its result in the sweep folder says whose it is once that job has ended."""
-    deadline = time.monotonic() + 24 * 3600
-    while time.monotonic() < deadline:
-        found = next((r for r in job.sweep.results() if r.job == holder and r.status != "RUNNING"), None)
-        if found is not None or job.sweep.stopped() is not None:
+def _same_config_as(job: JobInfo, holder: dict) -> None:
+    """A later job of a sweep with the config of the job that claimed it (a baseline swept over
+    layers, an option swept that its pooler or encoder lacks): not run again; its result in the
+    sweep folder says whose it is once that job has ended (or that its process died first)."""
+    from framework.contracts import process_is_alive
+
+    number, found = holder["job"], None
+    while job.sweep.stopped() is None:
+        found = next((r for r in job.sweep.results() if r.job == number and r.status != "RUNNING"), None)
+        if found is not None or process_is_alive(holder["process"]) is False:
             break
         time.sleep(0.5)
-    result = failed_result(job, "FINISHED", "")
-    result.origin = f"same config as job {holder}"
+    result = failed_result(job, "KILLED", f"job {number}, which ran this config, ended without a result")
+    result.origin = f"same config as job {number}"
     if found is not None:
-        result.status, result.metrics, result.label, result.run_ref = found.status, found.metrics, found.label, found.run_ref
+        result.status, result.metrics, result.label, result.run_ref, result.error = (
+            found.status, found.metrics, found.label, found.run_ref, found.error)
     job.sweep.write_result(result)
-    print(f"same config as job {holder} (what the sweep varies here does not apply to it): {job.name}", flush=True)
+    print(f"same config as job {number} (what the sweep varies here does not apply to it): {job.name}", flush=True)
 
 
 def evaluate_tracked(tracker, job: JobInfo, evaluate_job):

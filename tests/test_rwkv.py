@@ -257,9 +257,13 @@ def test_a_baseline_without_layers_shares_a_sweep_over_layers_and_the_parent_ans
     assert parent.data.params["dataset.limit"] == "16" and "encoder.name" not in parent.data.params  # shared settings only
     assert not parent.data.tags["mlflow.runName"].count("tracking.dir")
     artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
-    assert (artifacts / "summary_table.json").is_file()
     rows = list(csv.DictReader((artifacts / "summary.csv").read_text().splitlines()))
     assert len(rows) == 3 and {float(row["spearman"]) for row in rows} == {r.data.metrics["spearman"] for r in children}
+    import json
+
+    table = json.loads((artifacts / "summary_table.json").read_text())  # MLflow's table: summary.csv's numbers
+    column = table["columns"].index("spearman")
+    assert [row[column] for row in table["data"]] == pytest.approx([float(row["spearman"]) for row in rows], abs=1e-9)
     client = result.client()
     assert client.get_experiment_by_name("layerprobe").tags["mlflow.experimentKind"] == "custom_model_development"
 

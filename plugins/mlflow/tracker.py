@@ -95,20 +95,20 @@ class MLflowTracker:
             client.set_tag(run.info.run_id, "error", error[:4000])
             client.set_terminated(run.info.run_id, "FAILED" if result else "KILLED")
         self._save_view(parent)
-        self._log_answer(parent, results)
+        self._log_answer(parent, results, files)
         for key, value in {"jobs": len(results), "failed_jobs": sum(r.status == "FAILED" for r in results),
                            "killed_jobs": sum(r.status == "KILLED" for r in results),
                            "reused_jobs": sum(r.origin == "reused" for r in results),
                            "same_config_jobs": sum(r.origin.startswith("same config") for r in results)}.items():
             client.set_tag(parent, key, str(value))
 
-    def _log_answer(self, parent: str, results: list[JobResult]) -> None:
+    def _log_answer(self, parent: str, results: list[JobResult], files: dict[str, Path]) -> None:
         """What the sweep found, on its parent run: per dataset/split the best config by the headline
         metric (``best.spearman.mrpc_validation`` with its CI, the winner's encoder, layer, pooler and
         post-process as tags), the settings every job shared as params, and the summary as a table
-        MLflow shows (``summary_table.json``)."""
+        MLflow shows (``summary_table.json``, from ``summary.csv``)."""
         from framework.results import identity
-        from framework.summary import compare_with_reference, is_same_config, summary_records
+        from framework.summary import is_same_config
 
         results = [r for r in results if not is_same_config(r)]
         finished = [r for r in results if r.finished]
@@ -139,11 +139,13 @@ class MLflowTracker:
         if identities:
             shared = {key: value for key, value in identities[0].items() if all(i.get(key) == value for i in identities[1:])}
             self._log_params(parent, shared)
-        records = summary_records(results, compare_with_reference(results))
-        if records:
-            columns = list(dict.fromkeys(key for record in records for key in record))
-            client.log_table(parent, data={c: [record.get(c) for record in records] for c in columns},
-                             artifact_file="summary_table.json")
+        table = files.get("summary.csv")
+        if table is not None:  # the same numbers as summary.csv, read back (its paired Δ is computed once)
+            with open(table, newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+            if rows:
+                client.log_table(parent, data={column: [_number_or_text(row[column]) for row in rows] for column in rows[0]},
+                                 artifact_file="summary_table.json")
 
     def _save_view(self, parent: str) -> None:
         """A saved view of the runs table with the columns a researcher reads (MLflow's default table
@@ -430,6 +432,16 @@ class MLflowTracker:
             token = page.token
             if not token or len(runs) >= max_results:
                 return runs[:max_results]
+
+
+def _number_or_text(cell: str):
+    """A summary.csv cell as the table shows it: a number where it is one, None where empty."""
+    if cell == "":
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
 
 
 def _metric_key(text: str) -> str:
