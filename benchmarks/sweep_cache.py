@@ -32,7 +32,7 @@ def run(store: Path, *overrides: str) -> list:
         sys.exit("\n".join(l for l in done.stderr.splitlines() if "layerprobe" in l or "Error" in l)[-3000:])
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("layerprobe")
-    return [r for r in client.search_runs([experiment.experiment_id], max_results=1000) if "layer_index" in r.data.params]
+    return [r for r in client.search_runs([experiment.experiment_id], max_results=1000) if "layerprobe.layer" in r.data.tags]
 
 
 def main() -> None:

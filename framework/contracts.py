@@ -215,9 +215,8 @@ class Evaluation:
         params = {f"data.{key}": value for key, value in self.pairs.counts().items()}
         params["data.source"] = self.pairs.source
         params["data.label_kind"] = self.pairs.label_kind
+        params["data.revision"] = self.pairs.revision
         params["states"] = self.states
-        params["layer_index"] = self.layer.label  # "-" for encoders without layers
-        params["block_index"] = "-" if self.layer.block is None else self.layer.block
         if self.fit:
             params["fit"] = self.fit
         if self.calibration is not None:

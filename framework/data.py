@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -62,6 +63,18 @@ class PairSet:
         a_index = np.fromiter((position[s] for s in self.sentences_a), dtype=np.int64, count=len(self))
         b_index = np.fromiter((position[s] for s in self.sentences_b), dtype=np.int64, count=len(self))
         return list(position), a_index, b_index
+
+    @cached_property
+    def revision(self) -> str:
+        """A digest of exactly what is evaluated (ids, both sentences, labels, in order): two runs
+        with the same revision scored the same pairs, whatever file or hub copy they came from."""
+        import hashlib
+
+        digest = hashlib.sha256(f"{self.dataset}|{self.split}|{len(self)}".encode())
+        for pair_id, a, b in zip(self.ids, self.sentences_a, self.sentences_b):
+            digest.update(f"\x1f{pair_id}\x1e{a}\x1e{b}".encode("utf-8", "surrogatepass"))
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.float64).tobytes())
+        return digest.hexdigest()
 
     def counts(self) -> dict[str, int]:
         """Row accounting, flat, for logging."""

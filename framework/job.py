@@ -345,7 +345,8 @@ def result_of(job: JobInfo, evaluation) -> JobResult:
                            [float(s) for s in scores.scores])
     return JobResult("FINISHED", job.config_hash, _texts(job), labels_of(job.settings, evaluation.layer.label),
                      evaluation.logged_metrics(), [m.name for m in evaluation.metrics] or list(job.config.metric.names),
-                     job.number, started=time.time(), notes=list(evaluation.notes), states=evaluation.states, scores=table)
+                     job.number, started=time.time(), notes=list(evaluation.notes), states=evaluation.states, scores=table,
+                     data_revision=evaluation.pairs.revision)
 
 
 def failed_result(job: JobInfo, status: str, error: str) -> JobResult:

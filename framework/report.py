@@ -124,17 +124,27 @@ def mteb_results(results: list[JobResult], out: Path) -> list[Path]:
         if not graded:
             scores.update(cosine_ap=metrics.get("average_precision"), cosine_roc_auc=metrics.get("roc_auc"),
                           cosine_accuracy=metrics.get("accuracy"), cosine_f1=metrics.get("f1"))
+        ours = {"cosine_spearman": "spearman", "cosine_pearson": "pearson", "cosine_ap": "average_precision",
+                "cosine_roc_auc": "roc_auc", "cosine_accuracy": "accuracy", "cosine_f1": "f1"}
+        intervals = {key: [metrics[f"{ours[key]}_ci_low"], metrics[f"{ours[key]}_ci_high"]] for key in scores
+                     if f"{ours[key]}_ci_low" in metrics and scores[key] is not None}
         scores = {key: (None if value != value else value) for key, value in scores.items() if value is not None}  # NaN → null
         main = scores.get("cosine_spearman") if graded else scores.get("cosine_ap", scores.get("cosine_spearman"))
-        entry = {"main_score": main, **scores, "hf_subset": "default", "languages": ["eng-Latn"]}
+        entry = {"main_score": main, **scores, "hf_subset": "default", "languages": ["eng-Latn"],
+                 "confidence_intervals_95": intervals}  # percentile bootstrap over pairs, as the run logged them
         task = MTEB_TASKS.get(label["dataset"], f"layerprobe-{label['dataset']}")
-        document = {"task_name": task, "dataset_revision": result.settings.get("dataset.revision", "null"),
+        # The revision of exactly the pairs scored (a digest of ids, sentences and labels), whatever
+        # copy they came from; a hub revision the user pinned is in the layerprobe block's settings.
+        document = {"task_name": task, "dataset_revision": result.data_revision or None,
                     "mteb_version": None, "scores": {label["split"]: [entry]},
                     "evaluation_time": (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None,
                     "kg_co2_emissions": None,
                     "layerprobe": {"model": label["encoder"], "layer": label["layer"], "pooler": label["pooler"],
                                    "postprocess": label.get("postprocess", "none"), "run": result.run_ref,
-                                   "n_pairs": metrics.get("n_pairs"), "config_hash": result.config_hash}}
+                                   "n_pairs": metrics.get("n_pairs"), "config_hash": result.config_hash,
+                                   "bootstrap_resamples": _number_or_none(result.settings.get("metric.bootstrap_resamples")),
+                                   **({"dataset_hub_revision": result.settings["dataset.revision"]}
+                                      if result.settings.get("dataset.revision") not in (None, "", "null", "None") else {})}}
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label['encoder']}__L{label['layer']}__{label['pooler']}"
                       + (f"__{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""))
         path = out / name / f"{task}.json"
@@ -142,6 +152,10 @@ def mteb_results(results: list[JobResult], out: Path) -> list[Path]:
         path.write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
         written.append(path)
     return written
+
+
+def _number_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None and str(text).isdigit() else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -154,6 +154,7 @@ class JobResult:
     states: str = ""  # where the token states came from: computed, cache, continued
     scores: PairScoreTable | None = None
     phases: dict[str, float] = field(default_factory=dict)  # harness seconds by phase (framework.phases)
+    data_revision: str = ""  # PairSet.revision of the evaluated pairs ("" when unknown: runs from before it)
 
     @property
     def finished(self) -> bool:

@@ -270,12 +270,18 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     configs: dict[str, int] = {}
     for result in finished:
         configs.setdefault(line_label(result, extra), len(configs))
-    figure = Figure(figsize=(5.2 * len(datasets), 3.6 * len(names)), layout="constrained")
-    axes = figure.subplots(len(names), len(datasets), squeeze=False)
+    # One metric over many datasets wraps into rows of three panels (a whole experiment's report
+    # stays readable instead of one strip thousands of pixels wide); several metrics: a row each.
+    wrap = 3 if len(names) == 1 and len(datasets) > 3 else len(datasets)
+    rows_per_metric = -(-len(datasets) // wrap)
+    figure = Figure(figsize=(5.2 * wrap, 3.6 * len(names) * rows_per_metric), layout="constrained")
+    axes = figure.subplots(len(names) * rows_per_metric, wrap, squeeze=False)
+    for axis in axes.flat[len(names) * len(datasets):] if rows_per_metric > 1 else ():
+        axis.set_visible(False)  # the last row's empty places
     handles: dict[str, object] = {}
     for row, name in enumerate(names):
-        for column, (dataset, split) in enumerate(datasets):
-            axis = axes[row][column]
+        for place, (dataset, split) in enumerate(datasets):
+            axis = axes[row * rows_per_metric + place // wrap][place % wrap]
             panel = [r for r in finished if (r.label["dataset"], r.label["split"]) == (dataset, split) and name in r.metrics]
             layered_x = [r.layer_number for r in panel if r.layer_number is not None]
             for label in sorted({line_label(r, extra) for r in panel}, key=configs.get):

@@ -69,3 +69,21 @@ def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors):
     (entry,) = document["scores"]["validation"]
     assert entry["main_score"] == entry["cosine_spearman"] == run.data.metrics["spearman"]
     assert "cosine_ap" not in entry and document["layerprobe"]["run"] == run.info.run_id
+    assert entry["confidence_intervals_95"]["cosine_spearman"] == [run.data.metrics["spearman_ci_low"], run.data.metrics["spearman_ci_high"]]
+    assert document["layerprobe"]["bootstrap_resamples"] == 1000
+    # The revision names the pairs scored: recomputed from the files it read, changed by one label.
+    import hashlib
+
+    from plugins.glue import STSB, GlueDataset, GlueOptions
+
+    from test_graded_and_postprocess import GRADED
+
+    pairs = GlueDataset(STSB, GlueOptions(data_dir=str(folder))).load("validation")
+    digest = hashlib.sha256(f"stsb|validation|{len(pairs)}".encode())
+    for pair_id, a, b in zip(pairs.ids, pairs.sentences_a, pairs.sentences_b):
+        digest.update(f"\x1f{pair_id}\x1e{a}\x1e{b}".encode())
+    digest.update(pairs.labels.astype("float64").tobytes())
+    assert document["dataset_revision"] == run.data.params["data.revision"] == digest.hexdigest()
+    (a, b, score), *rest = GRADED
+    changed = write_stsb(tmp_path / "STS-B-changed", rows=[(a, b, "0.5" if score != "0.5" else "1.0"), *rest])
+    assert GlueDataset(STSB, GlueOptions(data_dir=str(changed))).load("validation").revision != document["dataset_revision"]

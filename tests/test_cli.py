@@ -18,7 +18,7 @@ def test_single_job_logs_params_metrics_and_per_pair_scores(run_cli, tiny_mrpc, 
     (run,) = result.runs()
     params, metrics = run.data.params, run.data.metrics
     assert run.info.status == "FINISHED"
-    assert params["encoder.name"] == "glove" and params["layer_index"] == "-"
+    assert params["encoder.name"] == "glove" and run.data.tags["layerprobe.layer"] == "-" and "layer_index" not in params
     assert params["data.rows_read"] == "8" and params["data.rows_skipped"] == "0"
     assert params["git_commit"] and params["version.torch"]
     assert params["calibration.split"] == "train"

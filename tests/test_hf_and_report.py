@@ -103,7 +103,7 @@ def test_report_numbers_equal_the_logged_metrics(run_cli, tiny_mrpc, tiny_vector
     assert result.returncode == 0, result.stderr
     table = build_report(result.tracker(), None, "spearman", tmp_path / "out")
     for run in result.runs():
-        if "layer_index" not in run.data.params:
+        if "layerprobe.layer" not in run.data.tags:
             continue
         m = run.data.metrics
         cell = f"{m['spearman']:.4f} [{m['spearman_ci_low']:.4f}, {m['spearman_ci_high']:.4f}]"

@@ -223,9 +223,9 @@ def test_sweep_over_layers_and_poolers_logs_layer_and_block(run_cli, tiny_mrpc, 
     result = run_cli("-m", "encoder=rwkv", f"encoder.model={world_pth}", "layer=1,3", "pooler=mean,last",
                      "dataset=mrpc", f"dataset.data_dir={tiny_mrpc}", "dataset.limit=16")
     assert result.returncode == 0, result.stderr
-    jobs = [r for r in result.runs() if "layer_index" in r.data.params]
+    jobs = [r for r in result.runs() if "layerprobe.layer" in r.data.tags]
     assert len(jobs) == 4 and all(r.info.status == "FINISHED" for r in jobs)
-    assert sorted((r.data.params["layer_index"], r.data.params["block_index"], r.data.params["pooler.name"]) for r in jobs) == [
+    assert sorted((r.data.tags["layerprobe.layer"], r.data.tags["layerprobe.block"], r.data.params["pooler.name"]) for r in jobs) == [
         ("1", "1", "last"), ("1", "1", "mean"), ("3", "3", "last"), ("3", "3", "mean")]
     assert all(r.data.metrics["encoder.tokens"] > 0 for r in jobs)
 
@@ -253,7 +253,7 @@ def test_a_baseline_without_layers_shares_a_sweep_over_layers_and_the_parent_ans
     assert parent.data.metrics["best.spearman.mrpc_validation.ci_low"] == best.data.metrics["spearman_ci_low"]
     winner = next(r for r in children if r.info.run_id == parent.data.tags["best.spearman.mrpc_validation.run"])
     assert winner.data.metrics["spearman"] == best.data.metrics["spearman"]  # (a tie may pick either)
-    assert parent.data.tags["best.spearman.mrpc_validation.layer"] == winner.data.params["layer_index"]
+    assert parent.data.tags["best.spearman.mrpc_validation.layer"] == winner.data.tags["layerprobe.layer"]
     assert parent.data.params["dataset.limit"] == "16" and "encoder.name" not in parent.data.params  # shared settings only
     assert not parent.data.tags["mlflow.runName"].count("tracking.dir")
     artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
@@ -292,7 +292,7 @@ def test_sweep_encodes_each_split_once_and_a_second_sweep_hits_the_cache(run_cli
     assert run_cli(*args).returncode == 0
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    runs = [r for r in result.runs() if "layer_index" in r.data.params]
+    runs = [r for r in result.runs() if "layerprobe.layer" in r.data.tags]
     second = sorted(runs, key=lambda r: r.info.start_time)[-4:]
     assert all(r.data.metrics.get("encoder.cache_hits") == 1 and "encoder.cache_misses" not in r.data.metrics for r in second)
     earlier = sorted(runs, key=lambda r: r.info.start_time)[:4]

@@ -130,6 +130,24 @@ def test_plot_has_a_panel_for_a_plugin_metric(testkit_site):
     assert titles == ["spearman", "kendall"]
 
 
+def test_a_report_over_many_datasets_wraps_its_panels_into_rows(tmp_path):
+    """One metric on seven dataset/splits: rows of three panels, not a strip seven panels wide."""
+    from matplotlib.image import imread
+
+    from framework.results import JobResult
+    from framework.summary import plot_metrics_by_layer
+
+    results = [JobResult("FINISHED", f"{d}{layer}", {"layer": str(layer), "dataset.name": f"d{d}"},
+                         {"encoder": "rwkv", "pooler": "mean", "dataset": f"d{d}", "split": "validation", "layer": str(layer)},
+                         {"spearman": 0.1 * layer + 0.01 * d}, ["spearman"], layer) for d in range(7) for layer in range(3)]
+    plot_metrics_by_layer(results, tmp_path / "wide.png")
+    height, width, _ = imread(tmp_path / "wide.png").shape
+    assert width < 2.2 * height, (width, height)  # 3 columns × 3 rows (7 panels), the legend beside them
+    plot_metrics_by_layer([r for r in results if r.label["dataset"] in ("d0", "d1")], tmp_path / "two.png")
+    height, width, _ = imread(tmp_path / "two.png").shape
+    assert width > 2 * height  # two datasets stay side by side in one row
+
+
 # --- launchers ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
@@ -336,7 +354,7 @@ def test_a_signal_stops_the_sweep_and_leaves_no_run_running(tmp_path, tiny_mrpc,
     gate.touch()
     sweep = gated_sweep(store, gate, tiny_mrpc, testkit_env)
     wait_for(lambda: len(finished_job_results(store)) >= 2)  # jobs 0 and 1 done; job 2 waits at the gate
-    time.sleep(1.0)
+    wait_for(lambda: gate.with_name(gate.name + ".reached").exists())  # job 2 waits at the gate
     sent = time.monotonic()
     sweep.send_signal(sig)
     out, err = sweep.communicate(timeout=60)
@@ -361,7 +379,7 @@ def test_ctrl_c_on_a_joblib_sweep_counts_every_job_in_the_summary_as_the_store_d
     gate.touch()
     sweep = gated_sweep(store, gate, tiny_mrpc, testkit_env, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
     wait_for(lambda: len(finished_job_results(store)) >= 4)  # two results and two RUNNING placeholders
-    time.sleep(1.0)
+    wait_for(lambda: gate.with_name(gate.name + ".reached").exists())  # job 2 waits at the gate
     os.killpg(sweep.pid, signal.SIGINT)
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, err[-3000:]
@@ -380,7 +398,7 @@ def test_kill_9_then_resume_reruns_only_the_missing_configs(tmp_path, tiny_mrpc,
     gate.touch()
     sweep = gated_sweep(store, gate, tiny_mrpc, testkit_env)
     wait_for(lambda: len(finished_job_results(store)) >= 2)
-    time.sleep(1.0)
+    wait_for(lambda: gate.with_name(gate.name + ".reached").exists())  # job 2 waits at the gate
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.communicate(timeout=60)
     killed = CliResult(0, "", "", store)
@@ -608,7 +626,7 @@ def test_a_tracking_server_that_dies_mid_sweep_stops_it_in_seconds_and_keeps_the
     sweep = gated_sweep(tmp_path / "mlruns", gate, tiny_mrpc, testkit_env, f"tracking.uri={uri}",
                         f"tracking.dir={tmp_path / 'local'}")
     wait_for(lambda: len(list((tmp_path / "local").glob("hydra/*/*/results/*/*.json"))) >= 2)
-    time.sleep(1.0)  # job 2 waits at the gate, its run started on the server
+    wait_for(lambda: gate.with_name(gate.name + ".reached").exists())  # job 2 waits at the gate, its run started
     server.close()  # the server goes away (SIGTERM to its process group) ...
     gate.unlink()  # ... and job 2 finishes its work
     started = time.monotonic()

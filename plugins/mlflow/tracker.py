@@ -31,6 +31,9 @@ RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
 RESULT_PARAM_KEYS = {"layer_index", "block_index", "states", "model", "pooler", "dataset", "split", "postprocess"}
 TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
 TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
+# The layer a job resolved to ("-" without layers) and the model block it reads: tags, so the runs
+# table has one layer param (the config's) beside the numeric ``layer`` metric it sorts by.
+TAG_LAYER, TAG_BLOCK = "layerprobe.layer", "layerprobe.block"
 VIEW_KEY = "layerprobe"  # the saved runs-table view: …/runs?viewStateShareKey=layerprobe
 
 
@@ -158,8 +161,9 @@ class MLflowTracker:
         """
         import json
 
-        view = {"selectedColumns": ["metrics.`spearman`", "metrics.`spearman_ci_low`", "metrics.`spearman_ci_high`"]
-                + [f"params.`{key}`" for key in ("model", "layer_index", "pooler", "postprocess", "dataset", "split", "states")]
+        view = {"selectedColumns": ["metrics.`spearman`", "metrics.`spearman_ci_low`", "metrics.`spearman_ci_high`",
+                                    "metrics.`layer`"]  # the resolved layer (the config's may be -1), as a number
+                + [f"params.`{key}`" for key in ("model", "pooler", "postprocess", "dataset", "split", "states")]
                 + ["attributes.`Dataset`"],
                 "orderByKey": "metrics.`layer`", "orderByAsc": True}  # a sweep reads like the paper's table: by layer
         self.client.set_experiment_tag(self.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(view))
@@ -256,7 +260,7 @@ class MLflowTracker:
         scores = result.scores
         self._log_outcome(run_id, job, result, lambda path: write_scores_csv(
             ((i, "", "", label, score) for i, label, score in zip(scores.ids, scores.labels, scores.scores)), path),
-            {"states": result.states, "layer_index": result.label.get("layer", "-")}, None)
+            {"states": result.states}, None)
         self.client.set_terminated(run_id, "FINISHED")
         result.run_ref = run_id
 
@@ -265,6 +269,9 @@ class MLflowTracker:
         client = self.client
         client.update_run(run_id, name=job.name)  # now with the resolved layer
         label = result.label
+        client.set_tag(run_id, TAG_LAYER, label.get("layer", "-"))
+        if evaluation is not None:
+            client.set_tag(run_id, TAG_BLOCK, "-" if evaluation.layer.block is None else str(evaluation.layer.block))
         self._log_params(run_id, {**params, "model": label["encoder"], "pooler": label["pooler"],
                                   "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"]})
         if evaluation is not None:
@@ -326,16 +333,12 @@ class MLflowTracker:
     def _log_dataset_input(self, run_id: str, pairs) -> None:
         """The evaluated data as an MLflow dataset input (name, split, digest, rows): the runs table's
         Dataset column and its filter."""
-        import hashlib
         import json
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        digest = hashlib.sha256()
-        for pair in zip(pairs.ids, pairs.sentences_a, pairs.sentences_b, pairs.labels.tolist()):
-            digest.update(repr(pair).encode())
-        dataset = Dataset(name=f"{pairs.dataset}/{pairs.split}", digest=digest.hexdigest()[:8], source_type="layerprobe",
-                          source=json.dumps({"uri": pairs.source}),
+        dataset = Dataset(name=f"{pairs.dataset}/{pairs.split}", digest=pairs.revision[:8],  # data.revision, cut
+                          source_type="layerprobe", source=json.dumps({"uri": pairs.source}),
                           profile=json.dumps({"num_rows": len(pairs), "rows_read": pairs.rows_read, "label_kind": pairs.label_kind}))
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", pairs.split)])])
 
@@ -471,10 +474,10 @@ def result_of_run(run, client, with_scores: bool = False) -> JobResult:
         names = [key.removesuffix("_ci_low") for key in run.data.metrics if key.endswith("_ci_low")]
     job = tags.get(TAG_JOB, "")
     result = JobResult(run.info.status, tags.get(TAG_HASH) or config_hash(settings), settings,
-                       labels_of(settings, params.get("layer_index")), dict(run.data.metrics), names,
+                       labels_of(settings, tags.get(TAG_LAYER, params.get("layer_index"))), dict(run.data.metrics), names,
                        int(job) if job.isdigit() else None, error=tags.get("error", ""), run_ref=run.info.run_id,
                        started=(run.info.start_time or 0) / 1000, notes=[n for n in tags.get("notes", "").split(" | ") if n],
-                       states=params.get("states", ""))
+                       states=params.get("states", ""), data_revision=params.get("data.revision", ""))
     if with_scores:
         result.scores = read_scores(client, run.info.run_id)
     return result
