@@ -325,9 +325,9 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     if UNDEFINED in handles:
         handles[UNDEFINED] = handles.pop(UNDEFINED)  # last in the legend
     if handles:
-        figure.legend(list(handles.values()), list(handles), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small",
-                      frameon=False)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+        # "outside": constrained layout makes room for the legend, so one draw (no tight-bbox pass) saves it
+        figure.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize="small", frameon=False)
+    figure.savefig(path, dpi=110)
 
 
 def write_summary_files(results: list[JobResult], folder: Path, options: dict[str, Any] | None = None) -> dict[str, Path]:

@@ -55,3 +55,40 @@ def test_a_typo_in_an_option_is_a_one_line_error():
     with pytest.raises(LayerprobeError) as error:
         registry().build("encoder", OmegaConf.create({"name": "glove", "lowercas": False}))
     assert "lowercas" in str(error.value) and "its options: vectors" in str(error.value)
+
+
+def test_the_sweeper_composes_each_swept_value_once_before_launching():
+    """Hydra's sweeper composed every job before launch and the launcher again; layerprobe's check
+    composed the first job. The sweeper now composes only jobs that bring a new value: every value
+    is still composed before any job runs, and a bad later value still stops the sweep there."""
+    from itertools import product
+    from types import SimpleNamespace
+
+    from hydra.plugins.sweeper import Sweeper
+
+    from framework.__main__ import validate_each_swept_value_once
+
+    original = Sweeper.validate_batch_is_legal
+    composed = []
+
+    class Loader:
+        def load_sweep_config(self, master_config, sweep_overrides):
+            composed.append(tuple(sweep_overrides))
+            if "pooler=broken" in sweep_overrides:
+                raise ValueError("cannot compose pooler=broken")
+
+    try:
+        validate_each_swept_value_once()
+        validate_each_swept_value_once()  # idempotent: one wrapper, not two
+        sweeper = SimpleNamespace(hydra_context=SimpleNamespace(config_loader=Loader()), config=object())
+        batch = [[f"layer={layer}", f"pooler={pooler}", "data_root=x"] for layer, pooler in product((1, 3, 5, 7, 9, 11), ("mean", "attn"))]
+        Sweeper.validate_batch_is_legal(sweeper, batch)
+        assert len(composed) == 6 and tuple(batch[0]) not in composed  # job 0 was composed by check_overrides
+        assert {value for job in composed for value in job} | set(batch[0]) == {value for job in batch for value in job}
+        composed.clear()
+        Sweeper.validate_batch_is_legal(sweeper, [["layer=1", "pooler=mean", "data_root=x"]])  # a later batch: nothing new
+        assert composed == []
+        with pytest.raises(ValueError, match="pooler=broken"):
+            Sweeper.validate_batch_is_legal(sweeper, [["layer=1", "pooler=broken", "data_root=x"]])
+    finally:
+        Sweeper.validate_batch_is_legal = original
