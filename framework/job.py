@@ -331,8 +331,16 @@ def _is_multirun() -> bool:
 
 
 def run_name(cfg: DictConfig, settings: dict, sweep, layer_label: str | None = None) -> str:
-    """``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation``, plus the swept settings not in it."""
-    return run_title(labels_of(settings, layer_label), settings, swept_keys(sweep.overrides) if sweep else [], sweep is not None)
+    """``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation``, plus the swept settings not in it; in a
+    sweep ``minilm L6 mean · stsb/val``: the encoder as the command line chose it (encoder=minilm)."""
+    choice = None
+    if sweep is not None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get("encoder")
+    return run_title(labels_of(settings, layer_label), settings, swept_keys(sweep.overrides) if sweep else [], sweep is not None,
+                     choice)
 
 
 def _texts(job: JobInfo) -> dict[str, str]:

@@ -102,15 +102,17 @@ def swept_keys(overrides: list[str]) -> list[str]:
 SPLIT_SHORT = {"validation": "val", "train": "train", "test": "test"}
 
 
-def run_title(label: dict[str, str], settings: dict, swept: list[str], in_sweep: bool = False) -> str:
-    """``rwkv L11 mean · mrpc/val`` in a sweep (the model only when the sweep varies it), else
+def run_title(label: dict[str, str], settings: dict, swept: list[str], in_sweep: bool = False,
+              encoder_choice: str | None = None) -> str:
+    """``rwkv L11 mean · mrpc/val`` in a sweep (the model only when the sweep varies it; the encoder
+    as chosen, ``encoder_choice``: ``minilm``, not the plugin ``hf``), else
     ``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation`` (+ post-processing, + other swept settings):
     short enough for MLflow's runs table."""
     layer = f" L{label['layer']}" if label.get("layer", "-") != "-" else ""
     post = f" +{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""
     encoder, split = label["encoder"], label["split"]
     if in_sweep:
-        encoder = encoder if "encoder.model" in swept else encoder.split(":", 1)[0]
+        encoder = encoder if "encoder.model" in swept else (encoder_choice or encoder.split(":", 1)[0])
         split = SPLIT_SHORT.get(split, split)
     extra = [f"{key}={setting_text(settings.get(key))}" for key in swept if key not in TITLE_SETTINGS and key in settings]
     return " ".join([f"{encoder}{layer} {label['pooler']}{post} · {label['dataset']}/{split}", *extra])

@@ -661,3 +661,19 @@ def test_a_tracking_server_that_dies_mid_sweep_stops_it_in_seconds_and_keeps_the
         assert (scores.ids, scores.scores) == (result["scores"]["ids"], result["scores"]["scores"])
     finally:
         again.close()
+
+
+def test_system_metrics_on_request_are_sampled_into_the_run(tmp_path):
+    """tracking.system_metrics=true (off by default): MLflow's sampler logs system/* metrics on the run."""
+    import plugins.mlflow.tracker as tracker_module
+    from plugins.mlflow.store import MLflowOptions, tracking_uri
+
+    options = MLflowOptions(dir=str(tmp_path / "mlruns"), system_metrics=True)
+    assert MLflowOptions().system_metrics is False
+    tracker = tracker_module.MLflowTracker(options)
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name="sampled").info.run_id
+    monitor = tracker_module.start_system_metrics(run_id, tracking_uri(options))
+    time.sleep(4.0)  # three samples a second apart, then one logging round
+    monitor.finish()
+    logged = tracker.client.get_run(run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in logged and "system/system_memory_usage_megabytes" in logged, sorted(logged)

@@ -26,7 +26,7 @@ class MLflowOptions:
     uri: str | None = None  # an MLflow tracking URI (http://127.0.0.1:5000, postgresql://…); null = SQLite under dir
     dir: str = "mlruns"  # the local store: mlflow.db and artifacts/ (and, by default, the token cache and Hydra's logs)
     experiment: str = "layerprobe"
-    system_metrics: bool = True  # CPU, memory, disk, network (and GPU, with nvidia-ml-py) while a job runs
+    system_metrics: bool = False  # CPU, memory, disk, network (and GPU, with nvidia-ml-py) while a job runs
     http_timeout: int = 10  # seconds per request to a tracking server (MLflow's default: 120)
     http_retries: int = 2  # retries of a failed request (MLflow's default: 7, with backoff: minutes per call)
 
