@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORK = ("encode", "pool", "fit", "postprocess_fit")
-PHASE_ORDER = ("registry", "config_check", "sweep_start", "setup", "data", "encode", "cache_read", "pool", "fit",
+WORK = ("finetune", "encode", "pool", "fit", "postprocess_fit")
+PHASE_ORDER = ("registry", "config_check", "sweep_start", "setup", "data", "finetune", "encode", "cache_read", "pool", "fit",
                "postprocess_fit", "metrics", "tracking", "summary")
 BARE_IMPORTS = "import torch, numpy, scipy.stats, sklearn.metrics, pandas, mlflow, hydra"
 

@@ -172,6 +172,30 @@ def process_is_alive(identity: str) -> bool | None:
 
 
 @dataclass
+class TuneReport:
+    """What a finetuner reports about one training: the loss it used, its curve (``loss`` per
+    optimizer step, ``heldout_<metric>`` per epoch), and notes (early stopping, pairs dropped)."""
+
+    loss: str
+    curve: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    train_pairs: int = 0  # the pairs it trained on (after the held-out part was set aside)
+
+
+@dataclass
+class Tuned:
+    """The fine-tuning behind a job's encoder: where the weights are, how they were made, and
+    whether this job trained them (``computed``) or found them stored (``cache``)."""
+
+    fingerprint: str
+    folder: str
+    origin: str
+    seconds: float  # the training's own time (restored from the store: what it took then)
+    report: TuneReport
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Evaluation:
     """Everything a job produced, for the tracker and the result line."""
 
@@ -188,6 +212,7 @@ class Evaluation:
     mistakes: list[dict[str, Any]] = field(default_factory=list)
     states: str = "computed"  # where the evaluated split's token states came from
     fit: str = ""  # what was fit on the train split came from: computed | cache ("" when nothing is fit)
+    tuned: Tuned | None = None  # the fine-tuned model the encoder evaluated (None: the model as published)
 
     @property
     def pairs(self) -> PairSet:
@@ -219,6 +244,10 @@ class Evaluation:
         params["states"] = self.states
         if self.fit:
             params["fit"] = self.fit
+        if self.tuned is not None:  # which weights: trained by this run (computed) or found stored (cache)
+            report = self.tuned.report
+            params.update({"tuned.fingerprint": self.tuned.fingerprint, "tuned.origin": self.tuned.origin,
+                           "tuned.loss": report.loss, "tuned.train_pairs": report.train_pairs, "tuned.folder": self.tuned.folder})
         if self.calibration is not None:
             params["calibration.split"] = self.calibration.split
             params["calibration.pairs"] = len(self.calibration)

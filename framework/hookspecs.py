@@ -88,6 +88,19 @@ def register_metrics(register):
     """
 
 
+@hookspec
+def register_finetuners(register):
+    """Add fine-tuning methods: ``register(name, factory, schema)``; ``finetune=<name>``.
+
+    ``factory(options)`` returns a ``framework.stages.Finetuner``. The harness gives it the pairs
+    of ``finetune.train_split`` (never the evaluated split) and an encoder's model (any encoder that
+    is a ``framework.stages.TunableEncoder``); the tuned weights are stored by fingerprint (base
+    model, options, seed, the training pairs), so a sweep over layers and poolers tunes once, and
+    the job evaluates the encoder rebuilt on them. ``train_split``, ``train_limit`` and ``dir``
+    are options the harness owns for every finetuner.
+    """
+
+
 # --- Where results go ---------------------------------------------------------------------------
 
 @hookspec

@@ -12,8 +12,8 @@ import contextlib
 import time
 from collections import Counter
 
-PHASES = ("registry", "sweep_start", "setup", "data", "encode", "cache_read", "pool", "fit", "postprocess_fit", "metrics", "tracking",
-          "summary")
+PHASES = ("registry", "sweep_start", "setup", "data", "finetune", "encode", "cache_read", "pool", "fit", "postprocess_fit", "metrics",
+          "tracking", "summary")
 
 
 class PhaseClock:

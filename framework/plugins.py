@@ -15,13 +15,15 @@ from framework import hookspecs
 from framework.errors import LayerprobeError
 
 PROJECT = "layerprobe"
-KINDS = ("encoder", "pooler", "postprocessor", "dataset", "tracker")
+KINDS = ("encoder", "pooler", "postprocessor", "dataset", "tracker", "finetuner")
 # The Hydra config group of each kind (``tracking=mlflow`` picks a tracker).
-GROUPS = {"encoder": "encoder", "pooler": "pooler", "postprocessor": "postprocess", "dataset": "dataset", "tracker": "tracking"}
+GROUPS = {"encoder": "encoder", "pooler": "pooler", "postprocessor": "postprocess", "dataset": "dataset", "tracker": "tracking",
+          "finetuner": "finetune"}
 # Options the harness owns for every plugin of a kind, whether or not its schema declares them.
 HARNESS_OPTIONS = {
     "dataset": {"split": "validation", "limit": None},  # passed to load(split, limit)
     "postprocessor": {"train_split": "train", "train_limit": None},  # the pairs fit() sees
+    "finetuner": {"train_split": "train", "train_limit": None, "dir": None},  # the pairs tune() sees; where tuned models are kept
 }
 BUILTIN_MODULES = (
     "plugins.mlflow",
@@ -36,6 +38,7 @@ BUILTIN_MODULES = (
     "plugins.pairs",
     "plugins.metrics",
     "plugins.diagnostics",
+    "plugins.finetune",
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 # Settings that say where and how results are stored, not what was computed: left out of a job's
 # identity, so the same evaluation logged to another store (or resumed) is the same config.
 NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.", "error_analysis.")
-NON_IDENTITY_KEYS = {"resume", "data_root", "only_where_defined"}  # data_root reaches the dataset's own options, which count
+NON_IDENTITY_KEYS = {"resume", "data_root", "only_where_defined", "finetune.dir"}  # data_root reaches the dataset's own options, which count
 # The settings every results table shows as its own columns; others appear only where they differ.
 NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
 
@@ -62,7 +62,8 @@ def config_hash(settings: dict[str, Any]) -> str:
 
 MODEL_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", "-HF", "-hf")
 # The settings a run's title names itself; any other swept setting is appended as key=value.
-TITLE_SETTINGS = {"encoder.name", "encoder.model", "layer", "pooler.name", "postprocess.name", "dataset.name", "dataset.split"}
+TITLE_SETTINGS = {"encoder.name", "encoder.model", "layer", "pooler.name", "postprocess.name", "dataset.name", "dataset.split",
+                  "finetune.name", "finetune.loss"}
 
 
 def model_short_name(model: str) -> str:
@@ -86,7 +87,14 @@ def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
     layer = layer_label if layer_label is not None else setting_text(settings.get("layer"))
     return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": str(settings.get("dataset.name", "?")),
             "split": str(settings.get("dataset.split", "validation")), "layer": "-" if layer in ("null", "None") else layer,
-            "postprocess": str(settings.get("postprocess.name", "none"))}
+            "postprocess": str(settings.get("postprocess.name", "none")), "finetune": finetune_label(settings)}
+
+
+def finetune_label(settings: dict) -> str:
+    """``none``, or the fine-tuning as tables name it: ``contrastive``, ``contrastive:cosent``."""
+    name = str(settings.get("finetune.name", "none"))
+    loss = settings.get("finetune.loss")
+    return name if name == "none" or loss in (None, "null", "None") else f"{name}:{loss}"
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
@@ -110,6 +118,8 @@ def run_title(label: dict[str, str], settings: dict, swept: list[str], in_sweep:
     short enough for MLflow's runs table."""
     layer = f" L{label['layer']}" if label.get("layer", "-") != "-" else ""
     post = f" +{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""
+    if label.get("finetune", "none") != "none":
+        post += " ft:" + label["finetune"].split(":", 1)[-1]  # ft:cosent, ft:contrastive
     encoder, split = label["encoder"], label["split"]
     if in_sweep:
         encoder = encoder if "encoder.model" in swept else (encoder_choice or encoder.split(":", 1)[0])

@@ -10,23 +10,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from framework.cache import CachedEncoder, TokenStateCache, timed
-from framework.contracts import Evaluation
+from framework.contracts import Evaluation, TuneReport, Tuned
 from framework.data import Layer, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
 from framework.phases import CLOCK
 from framework.plugins import Registry
-from framework.stages import LearnedPooler, cache_token_states, learned_tensors, needs_fit
+from framework.stages import LearnedPooler, TunableEncoder, cache_token_states, learned_tensors, needs_fit
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +83,21 @@ class JobPlan:
     postprocess_name: str = "none"
     pooler_identity: str | None = None  # what the pooled-vector cache keys on; None: do not cache vectors
     cache: TokenStateCache | None = None
+    finetune: "FinetunePlan | None" = None  # None: the encoder's model as published
+
+
+@dataclass
+class FinetunePlan:
+    """How a job's encoder is fine-tuned before it encodes: the finetuner, its train split, and how
+    to rebuild the encoder on the tuned weights."""
+
+    finetuner: Any
+    split: Split
+    root: Path  # tuned models live in <root>/<fingerprint>/
+    identity: str  # the finetune options that change the weights (a part of the fingerprint)
+    registry: Registry
+    encoder_config: DictConfig
+    base: Any  # the encoder on the published weights (a TunableEncoder)
 
 
 def evaluate(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None = None) -> Evaluation:
@@ -113,8 +130,38 @@ def plan(cfg: DictConfig, registry: Registry, components: dict[str, Any] | None 
         encoder.fingerprint()  # loads the model or vectors: a missing file or model is the encoder's error
     with from_settings("encoder", "layer"):
         layer = encoder.resolve_layer(cfg.get("layer"))
+    with from_settings("finetune", "encoder", "dataset", "data_root"):
+        finetune = plan_finetune(cfg, registry, dataset, encoder, "encoder" in (components or {}))
     with from_settings("pooler", "postprocess", "metric", "dataset", "data_root", "seed"):
-        return _plan_stages(cfg, registry, components or {}, dataset, encoder, layer)
+        job = _plan_stages(cfg, registry, components or {}, dataset, encoder, layer)
+    job.finetune = finetune
+    return job
+
+
+def plan_finetune(cfg: DictConfig, registry: Registry, dataset, encoder, given: bool) -> FinetunePlan | None:
+    """The fine-tuning stage, checked: a finetuner, an encoder it can train, a train split that
+    exists and is not the evaluated one. None for ``finetune=none``."""
+    options = cfg.get("finetune")
+    if not options:
+        return None
+    finetuner = registry.build("finetuner", options)
+    if not getattr(finetuner, "needs_tuning", True):
+        return None
+    if given or not isinstance(encoder, TunableEncoder):
+        what = "an encoder given as an object" if given else f"encoder={cfg.encoder.get('name')}"
+        raise LayerprobeError(f"finetune={options.name} cannot train {what}: it tunes transformers models "
+                              "(encoder=hf, minilm, sentence_transformers, minilm_st); RWKV fine-tuning is not available yet")
+    split = Split(options.get("train_split", "train"), options.get("train_limit"), "finetune.train_split")
+    evaluated = cfg.dataset.get("split", "validation")
+    if split.name == evaluated:
+        raise LayerprobeError(f"finetune.train_split={split.name} is the evaluated split; fine-tune on another "
+                              "(e.g. finetune.train_split=train)")
+    _check_split(dataset, split)
+    if split.limit is not None and (isinstance(split.limit, bool) or not isinstance(split.limit, int) or split.limit < 1):
+        raise LayerprobeError(f"finetune.train_limit={split.limit} must be a positive number of pairs (or null for all)")
+    weights = {key: value for key, value in OmegaConf.to_container(options, resolve=True).items() if key != "dir"}
+    root = Path(str(options.get("dir") or "layerprobe-outputs/finetuned")).expanduser()
+    return FinetunePlan(finetuner, split, root, json.dumps(weights, sort_keys=True), registry, cfg.encoder, encoder)
 
 
 def _plan_stages(cfg: DictConfig, registry: Registry, components: dict[str, Any], dataset, encoder, layer: Layer) -> JobPlan:
@@ -160,6 +207,7 @@ def run_plan(job: JobPlan) -> Evaluation:
     import torch
 
     torch.manual_seed(job.seed)
+    tuned = tune_encoder(job) if job.finetune is not None else None
     with CLOCK.measure("data"):
         pairs = job.dataset.load(job.split.name, job.split.limit)
     if not len(pairs):
@@ -201,12 +249,111 @@ def run_plan(job: JobPlan) -> Evaluation:
     }
     if calibration is not None:  # producing the calibration split's states: work the evaluated split did not need
         timings["calibration_encode_seconds"] = calibration_seconds
+    if tuned is not None:  # the training's own time (stored with the weights when they came from the store)
+        timings["finetune_seconds"] = tuned.seconds
+        notes.extend(tuned.report.notes)
+        notes.append(f"finetune: {tuned.report.loss} on {tuned.report.train_pairs} {job.finetune.split.name} pairs, "
+                     f"{'trained now' if tuned.origin == 'computed' else 'weights from the store'} ({tuned.folder})")
     if fitted.fit_seconds is not None or fit_costs:
         timings["fit_seconds"] = (fitted.fit_seconds or 0.0) + fit_costs.get("fit_seconds", 0.0)
         timings["fit_encode_seconds"] = fitted.encode_seconds + fit_costs.get("encode_seconds", 0.0)
     return Evaluation(job.layer, scores, metrics, embedding.encoder_counts, timings,
                       calibration.pairs if calibration else None, fitted.curve, {**fitted.learned, **postprocess_learned}, notes,
-                      mistakes=mistakes, states=embedding.origin, fit=fitted.origin or ("computed" if fit_costs else ""))
+                      mistakes=mistakes, states=embedding.origin, fit=fitted.origin or ("computed" if fit_costs else ""),
+                      tuned=tuned)
+
+
+TUNED_MANIFEST = "layerprobe-finetune.json"  # written last: a folder without it (or with other checksums) is not used
+
+
+def tune_encoder(job: JobPlan) -> Tuned:
+    """Fine-tune the encoder's model once per fingerprint (base weights, options, seed, training
+    pairs), or find it stored; then the job's encoder is the same encoder on the tuned weights.
+
+    A file lock makes concurrent jobs (joblib, submitit, Ray workers; later sweeps) wait for the one
+    that trains instead of training again. A stored model is checked file by file against the
+    checksums its manifest holds; one that does not match is said, removed and trained again.
+    """
+    from filelock import FileLock
+
+    plan = job.finetune
+    with CLOCK.measure("data"):
+        train = _load_split(job.dataset, plan.split)
+    plan.finetuner.check(train.label_kind)
+    fingerprint = hashlib.sha256(f"{plan.base.fingerprint()}|{plan.identity}|seed={job.seed}|{train.revision}".encode()).hexdigest()[:16]
+    folder = plan.root / fingerprint
+    try:
+        plan.root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LayerprobeError(f"finetune.dir={plan.root}: cannot create it ({error.strerror or error}); set finetune.dir "
+                              "to a writable folder") from None
+    with FileLock(str(folder) + ".lock"):
+        stored = _stored_tuning(folder)
+        if stored is not None:
+            tuned = Tuned(fingerprint, str(folder), "cache", float(stored["seconds"]), TuneReport(**stored["report"]),
+                          stored.get("settings", {}))
+        else:
+            tuned = _train(job, train, fingerprint, folder)
+    on_tuned = {plan.base.model_option: str(folder), **({"revision": None} if "revision" in plan.encoder_config else {})}
+    encoder = shared_encoder(plan.registry, OmegaConf.merge(plan.encoder_config, on_tuned))
+    job.encoder = CachedEncoder(encoder, job.cache) if job.cache is not None else encoder
+    return tuned
+
+
+def _train(job: JobPlan, train: PairSet, fingerprint: str, folder: Path) -> Tuned:
+    import shutil
+    import tempfile
+
+    plan = job.finetune
+    model, revision = plan.base.tunable_model()
+    print(f"finetune: training {model} on {len(train)} {train.dataset}/{train.split} pairs (fingerprint {fingerprint})",
+          file=sys.stderr, flush=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a damaged or half-written earlier attempt
+    staging = Path(tempfile.mkdtemp(dir=plan.root, prefix=f".{fingerprint}-"))
+    try:
+        started = time.perf_counter()
+        with CLOCK.measure("finetune"):
+            report = plan.finetuner.tune(model, revision, train, job.seed, staging / "model")
+        seconds = time.perf_counter() - started
+        made = staging / "model"
+        settings = {"base_model": model, "base_revision": revision, "base_fingerprint": plan.base.fingerprint(),
+                    "train_split": train.split, "train_revision": train.revision, "seed": job.seed,
+                    "options": json.loads(plan.identity)}
+        manifest = {"fingerprint": fingerprint, "seconds": seconds, "report": asdict(report), "settings": settings,
+                    "files": {str(p.relative_to(made)): _file_digest(p) for p in sorted(made.rglob("*")) if p.is_file()}}
+        (made / TUNED_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        made.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Tuned(fingerprint, str(folder), "computed", seconds, report, settings)
+
+
+def _stored_tuning(folder: Path) -> dict | None:
+    """The manifest of a stored tuned model whose every file matches its checksum, else None
+    (a damaged one is said on stderr and trained again, never evaluated)."""
+    path = folder / TUNED_MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        damaged = [name for name, digest in files.items() if not (folder / name).is_file() or _file_digest(folder / name) != digest]
+        TuneReport(**manifest["report"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        damaged = [f"{TUNED_MANIFEST} ({error})"]
+    if damaged:
+        print(f"layerprobe: warning: the stored fine-tuned model {folder} is damaged ({', '.join(damaged[:3])}); "
+              "training it again", file=sys.stderr, flush=True)
+        return None
+    return manifest
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -492,6 +639,8 @@ def result_line(cfg: DictConfig, evaluation: Evaluation) -> str:
     parts = [str(cfg.encoder.name), str(cfg.pooler.name), f"{pairs.dataset}/{pairs.split}", f"layer={evaluation.layer.label}"]
     if cfg.get("postprocess") and cfg.postprocess.name != "none":
         parts.insert(2, f"+{cfg.postprocess.name}")
+    if evaluation.tuned is not None:
+        parts.insert(2, f"ft:{evaluation.tuned.report.loss}")
     headline = evaluation.metric("spearman") or (evaluation.metrics[0] if evaluation.metrics else None)
     if headline is not None:
         text = f"{headline.name}={headline.value:.4f}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, runtime_checkable
 
-from framework.contracts import Evaluation, JobInfo, SweepInfo
+from framework.contracts import Evaluation, JobInfo, SweepInfo, TuneReport
 from framework.data import Layer, PairSet, PairTokenStates, TokenStates
 from framework.results import JobResult
 
@@ -54,6 +54,36 @@ class ResumableEncoder(Protocol):
 
 def cache_token_states(encoder) -> bool:
     return bool(getattr(encoder, "cache_token_states", True))
+
+
+@runtime_checkable
+class TunableEncoder(Protocol):
+    """Optional: an encoder whose model a finetuner can train. ``tunable_model()`` says where its
+    weights come from (a local folder or hub id, and a revision); ``model_option`` names the option
+    that, set to the tuned folder, builds the same encoder on the tuned weights (``model``)."""
+
+    model_option: str
+
+    def tunable_model(self) -> tuple[str, str | None]:
+        """(model folder or hub id, revision or None), as ``transformers`` loads it."""
+
+
+@runtime_checkable
+class Finetuner(Protocol):
+    """Trains an encoder's model on the pairs of a train split (``finetune=<name>``).
+
+    ``needs_tuning = False`` for ``finetune=none``. ``check(label_kind)`` raises a one-line
+    ``LayerprobeError`` for options that do not fit the labels (e.g. a loss for positive pairs on
+    graded scores); ``tune(model, revision, train, seed, out)`` writes the tuned model,
+    loadable by ``transformers``/``sentence-transformers``, into the empty folder ``out`` and returns
+    a ``TuneReport``. The harness stores it by fingerprint and never shows it the evaluated split.
+    """
+
+    needs_tuning: bool
+
+    def check(self, label_kind: str) -> None: ...
+
+    def tune(self, model: str, revision: str | None, train: PairSet, seed: int, out: Path) -> TuneReport: ...
 
 
 class Pooler(Protocol):

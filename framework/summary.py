@@ -6,6 +6,7 @@ differ in, say, the tokenizer or the seed are never merged into one row.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,26 @@ def status_text(result: JobResult) -> str:
     return f"{text}: {textwrap.shorten(result.error, 160, placeholder=' …')}" if result.error else text  # cut between words
 
 
-def summary_table(results: list[JobResult], versus_reference: dict[int, str] | None = None) -> tuple[list[str], list[list[str]]]:
+def summary_table(results: list[JobResult], versus_reference: dict[int, str] | None = None,
+                  versus_untuned: dict[int, "Versus"] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the sweep summary: identity columns, metrics with CIs, Δ, cost, status."""
     columns = identity_columns(results)
     extra = columns[4:]
     names = metric_order(results)
     paired = bool(versus_reference)
-    header = [*columns, *names, *(["Δspearman vs reference"] if paired else []), *COST_COLUMNS, "status"]
+    tuned = bool(versus_untuned)
+    header = [*columns, *names, *(["Δspearman vs reference"] if paired else []), *(["Δspearman vs untuned"] if tuned else []),
+              *COST_COLUMNS, "status"]
     body = []
     for index, result in enumerate(results):
         body.append([*identity_cells(result, extra), *(result.metric_text(n) for n in names),
-                     *([str(versus_reference.get(index, ""))] if paired else []), *cost_cells(result), status_text(result)])
+                     *([str(versus_reference.get(index, ""))] if paired else []),
+                     *([str(versus_untuned.get(index, ""))] if tuned else []), *cost_cells(result), status_text(result)])
     return header, body
 
 
-def summary_records(results: list[JobResult], versus_reference: dict[int, Versus] | None = None) -> list[dict[str, Any]]:
+def summary_records(results: list[JobResult], versus_reference: dict[int, Versus] | None = None,
+                    versus_untuned: dict[int, Versus] | None = None) -> list[dict[str, Any]]:
     """The summary as numbers, one column per value (``spearman``, ``spearman_ci_low``, …): what
     summary.csv and the parent run's table hold, sortable and plottable. NaN: undefined or none."""
     extra = identity_columns(results)[4:]
@@ -78,7 +84,8 @@ def summary_records(results: list[JobResult], versus_reference: dict[int, Versus
         settings = identity(result.settings)
         label = result.label
         record: dict[str, Any] = {"job": result.job, "encoder": label.get("encoder", ""), "pooler": label.get("pooler", ""),
-                                  "postprocess": label.get("postprocess", "none"), "dataset": label.get("dataset", ""),
+                                  "postprocess": label.get("postprocess", "none"), "finetune": label.get("finetune", "none"),
+                                  "dataset": label.get("dataset", ""),
                                   "split": label.get("split", ""), "layer": result.layer_number,
                                   **{key: settings.get(key, "") for key in extra}}
         for name in names:
@@ -87,6 +94,10 @@ def summary_records(results: list[JobResult], versus_reference: dict[int, Versus
         if versus_reference:
             versus = versus_reference.get(index, Versus(""))
             record.update(delta_spearman=versus.delta, delta_spearman_ci_low=versus.low, delta_spearman_ci_high=versus.high)
+        if versus_untuned:
+            versus = versus_untuned.get(index, Versus(""))
+            record.update(delta_spearman_vs_untuned=versus.delta, delta_spearman_vs_untuned_ci_low=versus.low,
+                          delta_spearman_vs_untuned_ci_high=versus.high)
         per_second = result.metrics.get("pairs_per_second")
         memory = result.metrics.get("peak_gpu_memory_mb", result.metrics.get("peak_rss_mb"))
         record.update(n=int(result.metrics["n_pairs"]) if "n_pairs" in result.metrics else None, states=result.states,
@@ -138,10 +149,6 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
     numbered ``reference_job`` (default: the first finished job of each dataset/split). Returns
     the text for each result's position in ``results``.
     """
-    from scipy import stats
-
-    from framework.bootstrap import rank_correlation, resample_counts
-
     texts: dict[int, Versus] = {}
     finished = [(i, r) for i, r in enumerate(results) if r.finished and r.scores is not None]
     for key in sorted({(r.label["dataset"], r.label["split"]) for _, r in finished}):
@@ -162,17 +169,48 @@ def compare_with_reference(results: list[JobResult], reference_job: int | None =
             if paired is None:
                 texts[index] = Versus("different pairs")
                 continue
-            labels, base_scores, scores = paired
-            if np.ptp(scores) == 0 or np.ptp(base_scores) == 0:
-                texts[index] = Versus("undefined: constant scores")  # e.g. [CLS] at the embedding layer
-                continue
-            point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
-            of_config, of_reference = rank_correlation(scores, labels), rank_correlation(base_scores, labels)
-            deltas = np.concatenate([of_config(c) - of_reference(c) for c in resample_counts(len(labels), resamples, seed)])
-            tail = (1 - confidence) / 2 * 100
-            low, high = np.nanpercentile(deltas, [tail, 100 - tail])
-            mark = " *" if low > 0 or high < 0 else ""
-            texts[index] = Versus(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}", float(point), float(low), float(high))
+            texts[index] = paired_delta(*paired, resamples, confidence, seed)
+    return texts
+
+
+def paired_delta(labels: np.ndarray, base_scores: np.ndarray, scores: np.ndarray, resamples: int, confidence: float,
+                 seed: int) -> Versus:
+    """Spearman(scores) − Spearman(base_scores) on the same pairs, with a paired bootstrap CI."""
+    from scipy import stats
+
+    from framework.bootstrap import rank_correlation, resample_counts
+
+    if np.ptp(scores) == 0 or np.ptp(base_scores) == 0:
+        return Versus("undefined: constant scores")  # e.g. [CLS] at the embedding layer
+    point = stats.spearmanr(scores, labels).statistic - stats.spearmanr(base_scores, labels).statistic
+    of_config, of_reference = rank_correlation(scores, labels), rank_correlation(base_scores, labels)
+    deltas = np.concatenate([of_config(c) - of_reference(c) for c in resample_counts(len(labels), resamples, seed)])
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.nanpercentile(deltas, [tail, 100 - tail])
+    mark = " *" if low > 0 or high < 0 else ""
+    return Versus(f"{point:+.4f} [{low:+.4f}, {high:+.4f}]{mark}", float(point), float(low), float(high))
+
+
+def compare_tuned_with_untuned(results: list[JobResult], resamples: int = 1000, confidence: float = 0.95,
+                               seed: int = 0) -> dict[int, Versus]:
+    """Each fine-tuned config against the same config untuned (same encoder, layer, pooler,
+    post-processing, data; ``finetune=none``), when the sweep has it: the paired Δ Spearman with its
+    bootstrap CI, by position in ``results``. Empty when nothing was tuned."""
+    def untuned_identity(result: JobResult) -> str:
+        return json.dumps({k: v for k, v in identity(result.settings).items() if not k.startswith("finetune.")}, sort_keys=True)
+
+    finished = [(i, r) for i, r in enumerate(results) if r.finished and r.scores is not None]
+    untuned = {untuned_identity(r): r for _, r in finished if r.label.get("finetune", "none") == "none"}
+    texts: dict[int, Versus] = {}
+    for index, result in finished:
+        if result.label.get("finetune", "none") == "none":
+            continue
+        base = untuned.get(untuned_identity(result))
+        if base is None:
+            texts[index] = Versus("no untuned run in this sweep")
+            continue
+        paired = paired_scores(base.scores, result.scores)
+        texts[index] = Versus("different pairs") if paired is None else paired_delta(*paired, resamples, confidence, seed)
     return texts
 
 
@@ -235,8 +273,11 @@ def line_label(result: JobResult, extra: list[str]) -> str:
     """A plot line: encoder/pooler plus every differing setting (not the layer, the x axis)."""
     settings = identity(result.settings)
     post = result.label.get("postprocess", "none")
-    parts = [f"{result.label['encoder']}/{result.label['pooler']}" + (f" +{post}" if post != "none" else "")]
-    parts += [f"{key}={settings[key]}" for key in extra if key not in ("layer", "postprocess.name") and key in settings]
+    tuned = result.label.get("finetune", "none")
+    parts = [f"{result.label['encoder']}/{result.label['pooler']}" + (f" +{post}" if post != "none" else "")
+             + (f" ft:{tuned.split(':', 1)[-1]}" if tuned != "none" else "")]
+    parts += [f"{key}={settings[key]}" for key in extra
+              if key not in ("layer", "postprocess.name", "finetune.name") and key in settings]
     return " ".join(parts)  # a setting the result lacks (another encoder's option) is not shown as key=
 
 
@@ -336,10 +377,11 @@ def write_summary_files(results: list[JobResult], folder: Path, options: dict[st
     results = [r for r in results if not is_same_config(r)]  # a baseline swept over layers: one row, one band
     versus = compare_with_reference(results, options.get("reference"), int(options.get("resamples", 1000)),
                                     seed=int(options.get("seed", 0)))
-    header, body = summary_table(results, versus)
+    versus_untuned = compare_tuned_with_untuned(results, int(options.get("resamples", 1000)), seed=int(options.get("seed", 0)))
+    header, body = summary_table(results, versus, versus_untuned)
     files = {"summary.csv": folder / "summary.csv", "summary.md": folder / "summary.md",
              "metrics_by_layer.png": folder / "metrics_by_layer.png"}
-    write_records_csv(summary_records(results, versus), files["summary.csv"])
+    write_records_csv(summary_records(results, versus, versus_untuned), files["summary.csv"])
     files["summary.md"].write_text(markdown(*compact(header, body, results)), encoding="utf-8")
     plot_metrics_by_layer(results, files["metrics_by_layer.png"])
     return files

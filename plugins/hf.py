@@ -82,6 +82,12 @@ class HFEncoder:
             self._loaded = (tokenizer, model, _layer_list(model), source)
         return self._loaded
 
+    model_option = "model"  # finetune=…: the same encoder on tuned weights is this one with model=<tuned folder>
+
+    def tunable_model(self) -> tuple[str, str | None]:
+        """The weights a finetuner starts from: a folder (package:<module> resolved) or hub id, and the revision."""
+        return resolve_model(self.options.model), self.options.revision
+
     def resolve_layer(self, layer: int | None) -> Layer:
         _, _, layers, _ = self._load()
         index = hidden_state_index(layer, len(layers) + 1, f"{len(layers)}-layer model", "0 = embeddings")

@@ -27,8 +27,8 @@ NAME = "mlflow"
 VERSIONED_PACKAGES = ("layerprobe", "torch", "transformers", "numpy", "scipy", "gensim", "datasets", "mlflow", "hydra-core")
 REPOSITORY = Path(__file__).resolve().parent.parent.parent
 # Params a job logs about its input and code, not about its config (left out when reading settings back).
-RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.")
-RESULT_PARAM_KEYS = {"layer_index", "block_index", "states", "model", "pooler", "dataset", "split", "postprocess"}
+RESULT_PARAM_PREFIXES = ("version.", "git_", "data.", "calibration.", "tuned.")
+RESULT_PARAM_KEYS = {"layer_index", "block_index", "states", "model", "pooler", "dataset", "split", "postprocess", "finetune", "fit"}
 TAG_SWEEP, TAG_SWEEP_ID, TAG_HASH, TAG_JOB = "layerprobe.sweep", "layerprobe.sweep_id", "layerprobe.config_hash", "layerprobe.job"
 TAG_PROCESS, TAG_METRICS, PARENT = "layerprobe.process", "layerprobe.metrics", "mlflow.parentRunId"
 # The layer a job resolved to ("-" without layers) and the model block it reads: tags, so the runs
@@ -273,12 +273,15 @@ class MLflowTracker:
         if evaluation is not None:
             client.set_tag(run_id, TAG_BLOCK, "-" if evaluation.layer.block is None else str(evaluation.layer.block))
         self._log_params(run_id, {**params, "model": label["encoder"], "pooler": label["pooler"],
-                                  "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"]})
+                                  "dataset": label["dataset"], "split": label["split"], "postprocess": label["postprocess"],
+                                  "finetune": label.get("finetune", "none")})
         if evaluation is not None:
             self._log_dataset_input(run_id, evaluation.pairs)
         self._log_metrics(run_id, result.metrics)
         if evaluation is not None:
             self._log_training_curve(run_id, evaluation.training_curve)
+            if evaluation.tuned is not None and evaluation.tuned.origin == "computed":  # on the run that trained it
+                self._log_training_curve(run_id, evaluation.tuned.report.curve, "tuned.")
         notes = evaluation.notes if evaluation is not None else result.notes
         if notes:
             client.set_tag(run_id, "notes", " | ".join(notes)[:5000])
@@ -291,6 +294,10 @@ class MLflowTracker:
                 import torch
 
                 torch.save(tensor, Path(folder, f"{name}.pt"))
+            if evaluation is not None and evaluation.tuned is not None and evaluation.tuned.origin == "computed":
+                import shutil
+
+                shutil.copytree(evaluation.tuned.folder, Path(folder, "finetuned_model"))  # loadable as it is, by path
             self._log_artifacts(run_id, Path(folder))
 
     def _log_artifacts(self, run_id: str, folder: Path) -> None:
@@ -308,13 +315,15 @@ class MLflowTracker:
             return
         target = Path(urllib.request.url2pathname(parsed.path) if parsed.scheme else location)
         target.mkdir(parents=True, exist_ok=True)
-        for source in sorted(folder.iterdir()):
-            temporary = target / f".{source.name}.{os.getpid()}.tmp"
+        for source in sorted(p for p in folder.rglob("*") if p.is_file()):  # a tuned model is a folder of files
+            final = target / source.relative_to(folder)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            temporary = final.parent / f".{source.name}.{os.getpid()}.tmp"
             try:
                 shutil.copyfile(source, temporary)
-                os.replace(temporary, target / source.name)
+                os.replace(temporary, final)
             except OSError as error:  # name the artifact, not the temporary source
-                raise OSError(error.errno, error.strerror, str(target / source.name)) from error
+                raise OSError(error.errno, error.strerror, str(final)) from error
             finally:
                 temporary.unlink(missing_ok=True)
 
@@ -357,11 +366,13 @@ class MLflowTracker:
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
-    def _log_training_curve(self, run_id: str, curve: dict[str, list[float]]) -> None:
+    def _log_training_curve(self, run_id: str, curve: dict[str, list[float]], prefix: str = "train.") -> None:
+        """A curve as step metrics: ``train.loss`` per epoch (a learned pooler), ``tuned.loss`` per
+        optimizer step and ``tuned.heldout_spearman`` per epoch (fine-tuning)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(f"train.{name}", float(point), now, step) for name, points in curve.items() for step, point in enumerate(points)]
+        items = [Metric(f"{prefix}{name}", float(point), now, step) for name, points in curve.items() for step, point in enumerate(points)]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
