@@ -55,8 +55,14 @@ def identity(settings: dict[str, Any]) -> dict[str, str]:
 
 
 def config_hash(settings: dict[str, Any]) -> str:
-    """A short hash of ``identity(settings)``: equal for jobs that compute the same thing."""
-    text = json.dumps(identity(settings), sort_keys=True, ensure_ascii=False)
+    """A short hash of ``identity(settings)``: equal for jobs that compute the same thing.
+
+    ``finetune=none`` computes what a job did before fine-tuning existed, so its ``finetune.*``
+    keys are left out: stores written then still match (``resume=true`` finds their runs)."""
+    ident = identity(settings)
+    if ident.get("finetune.name", "none") == "none":
+        ident = {key: value for key, value in ident.items() if not key.startswith("finetune.")}
+    text = json.dumps(ident, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -315,7 +315,9 @@ def plot_metrics_by_layer(results: list[JobResult], path: Path, metrics: list[st
     # stays readable instead of one strip thousands of pixels wide); several metrics: a row each.
     wrap = 3 if len(names) == 1 and len(datasets) > 3 else len(datasets)
     rows_per_metric = -(-len(datasets) // wrap)
-    figure = Figure(figsize=(5.2 * wrap, 3.6 * len(names) * rows_per_metric), layout="constrained")
+    longest = max([len(label) + len(" (no layers)") for label in configs] + [len(UNDEFINED)])
+    legend_inches = 0.6 + 0.065 * longest  # the legend sits beside the panels, not over them
+    figure = Figure(figsize=(5.2 * wrap + legend_inches, 3.6 * len(names) * rows_per_metric), layout="constrained")
     axes = figure.subplots(len(names) * rows_per_metric, wrap, squeeze=False)
     for axis in axes.flat[len(names) * len(datasets):] if rows_per_metric > 1 else ():
         axis.set_visible(False)  # the last row's empty places

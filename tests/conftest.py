@@ -9,6 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the fused RWKV kernels run in Triton's interpreter, which Triton reads when it is
+# first imported, and other libraries import it early (sentence-transformers does, through
+# transformers): so it is set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"

@@ -42,10 +42,14 @@ def test_builtin_yaml_lists_exactly_its_schema_defaults(kind):
             continue
         component = plugins.component(kind, path.stem)
         defaults = {f.name: getattr(component.schema(), f.name) for f in dataclasses.fields(component.schema)}
+        defaults = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in defaults.items()}  # finetune.lora
         if "data_root" in yaml:
             assert yaml.pop("data_root") == "${data_root}"
             defaults.pop("data_root")
         defaults = {**HARNESS_OPTIONS.get(kind, {}), **defaults}  # the harness's options, in every YAML of the kind
+        if kind == "finetuner":  # where tuned models are kept: beside the MLflow store
+            assert yaml.pop("dir") == "${oc.select:tracking.dir,layerprobe-outputs}/finetuned"
+            defaults.pop("dir")
         assert yaml == {"name": path.stem, **defaults}, path
 
 
@@ -92,3 +96,14 @@ def test_the_sweeper_composes_each_swept_value_once_before_launching():
             Sweeper.validate_batch_is_legal(sweeper, [["layer=1", "pooler=broken", "data_root=x"]])
     finally:
         Sweeper.validate_batch_is_legal = original
+
+
+def test_finetune_none_keeps_the_config_hash_runs_had_before_fine_tuning_existed():
+    from framework.results import config_hash
+
+    before = {"encoder.name": "glove", "pooler.name": "mean", "dataset.name": "mrpc", "layer": None, "seed": 0}
+    now = {**before, "finetune.name": "none", "finetune.train_split": "train", "finetune.train_limit": None}
+    assert config_hash(now) == config_hash(before)  # resume=true still finds the older runs
+    assert config_hash({**now, "finetune.name": "contrastive"}) != config_hash(before)
+    assert config_hash({**now, "finetune.name": "contrastive", "finetune.lr": 1e-5}) != \
+        config_hash({**now, "finetune.name": "contrastive", "finetune.lr": 2e-5})
