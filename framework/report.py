@@ -89,14 +89,50 @@ def build_report(tracker, parent: str | None, metric: str | list[str], out: Path
                               f"{', '.join(map(repr, missing))}")
     header, body = layer_table(newest, metrics, shared)
     table = markdown(header, body)
+    records = report_records([r for r in newest if r.finished], metrics, shared)
+    tuned_table = versus_untuned_table(tracker, newest, records)
+    if tuned_table:
+        table += "\nΔspearman of each fine-tuned config against the same config untuned (paired bootstrap, 95% CI):\n\n" + tuned_table
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(table, encoding="utf-8")
-    write_records_csv(report_records([r for r in newest if r.finished], metrics, shared), out / "report.csv")
+    write_records_csv(records, out / "report.csv")
     plot_metrics_by_layer([r for r in newest if r.finished], out / "report.png", metrics)
     duplicates = sum(count - 1 for count in shared.values())
     if duplicates:
         table += f"\n{duplicates} older run(s) repeat a config shown here; each row shows the newest.\n"
     return table
+
+
+def versus_untuned_table(tracker, results: list[JobResult], records: list[dict]) -> str:
+    """Markdown rows × layers of Δ Spearman, tuned against untuned, when the runs include both
+    (their per-pair scores read back from the tracker); the same numbers go into ``records``
+    (``delta_spearman_vs_untuned`` and its CI on the spearman rows). Empty when nothing was tuned."""
+    from framework.stages import ScoreSource
+    from framework.summary import compare_tuned_with_untuned, markdown
+
+    finished = [r for r in results if r.finished]
+    if not isinstance(tracker, ScoreSource) or all(r.label.get("finetune", "none") == "none" for r in finished):
+        return ""
+    for result in finished:
+        if result.scores is None:
+            result.scores = tracker.scores_of(result)
+    versus = compare_tuned_with_untuned(finished)
+    if not versus:
+        return ""
+    layers = sorted({finished[i].label["layer"] for i in versus}, key=lambda l: (l != "-", int(l) if l.lstrip("-").isdigit() else 0))
+    rows: dict[tuple, dict[str, str]] = {}
+    for index, delta in versus.items():
+        result = finished[index]
+        label = result.label
+        key = (label["encoder"], label["pooler"], label.get("postprocess", "none"), f"{label['dataset']}/{label['split']}",
+               label["finetune"])
+        rows.setdefault(key, {})[label["layer"]] = str(delta)
+        for record in records:
+            if record.get("run") == result.run_ref and record.get("metric") == "spearman":
+                record.update(delta_spearman_vs_untuned=delta.delta, delta_spearman_vs_untuned_ci_low=delta.low,
+                              delta_spearman_vs_untuned_ci_high=delta.high)
+    header = ["encoder", "pooler", "postprocess", "dataset", "finetune", *(f"layer {l}" for l in layers)]
+    return markdown(header, [[*key, *(cells.get(l, "") for l in layers)] for key, cells in sorted(rows.items())])
 
 
 MTEB_TASKS = {"stsb": "STSBenchmark"}  # our dataset name → MTEB's task name, where MTEB has the task

@@ -49,9 +49,12 @@ def setting_text(value: Any) -> str:
 
 
 def identity(settings: dict[str, Any]) -> dict[str, str]:
-    """The settings that decide what a job computes, as text (the job's identity)."""
+    """The settings that decide what a job computes, as text (the job's identity). With
+    ``finetune=none`` the finetune options decide nothing (no training), so only its name counts."""
+    untuned = setting_text(settings.get("finetune.name", "none")) == "none"
     return {key: setting_text(value) for key, value in sorted(settings.items())
-            if not key.startswith(NON_IDENTITY_PREFIXES) and key not in NON_IDENTITY_KEYS}
+            if not key.startswith(NON_IDENTITY_PREFIXES) and key not in NON_IDENTITY_KEYS
+            and not (untuned and key.startswith("finetune.") and key != "finetune.name")}
 
 
 def config_hash(settings: dict[str, Any]) -> str:
@@ -61,7 +64,7 @@ def config_hash(settings: dict[str, Any]) -> str:
     keys are left out: stores written then still match (``resume=true`` finds their runs)."""
     ident = identity(settings)
     if ident.get("finetune.name", "none") == "none":
-        ident = {key: value for key, value in ident.items() if not key.startswith("finetune.")}
+        ident.pop("finetune.name", None)
     text = json.dumps(ident, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

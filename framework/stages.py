@@ -183,3 +183,11 @@ class ReportSource(Protocol):
 
     def load_results(self, parent: str | None = None) -> list[JobResult]:
         """Every job of the experiment (or of the sweep ``parent``), with its settings and metrics."""
+
+
+@runtime_checkable
+class ScoreSource(Protocol):
+    """Optional, with ``ReportSource``: the per-pair scores of a run read back (for paired
+    comparisons in reports, e.g. tuned against untuned); None when the run kept none."""
+
+    def scores_of(self, result: JobResult) -> Any: ...

@@ -69,6 +69,17 @@ def test_a_sweep_over_layers_tunes_once_and_a_later_sweep_reuses_the_weights(run
         assert delta == pytest.approx(float(by[(layer, "contrastive:cosent")]["spearman"]) - float(by[(layer, "none")]["spearman"]),
                                       abs=1e-9)
     assert "Δspearman vs untuned" in (artifacts / "summary.md").read_text()
+    # The report, rebuilt from the store: the same Δ per layer, from the runs' per-pair scores.
+    from framework.report import build_report
+
+    table = build_report(result.tracker(), None, "spearman", tmp_path / "report")
+    assert "against the same config untuned" in table
+    report_rows = list(csv.DictReader((tmp_path / "report" / "report.csv").read_text().splitlines()))
+    for row in report_rows:
+        if row["finetune.name"] == "contrastive":
+            assert float(row["delta_spearman_vs_untuned"]) == pytest.approx(
+                float(by[(row["layer"], "contrastive:cosent")]["delta_spearman_vs_untuned"]), abs=1e-12)
+    assert sum(row["finetune.name"] == "contrastive" for row in report_rows) == 2
     # Again on the same store: nothing trained, the same weights.
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -417,6 +417,10 @@ class MLflowTracker:
         return [result_of_run(run, self.client) for run in runs
                 if run.data.tags.get(TAG_SWEEP) != "true" and "encoder.name" in run.data.params]
 
+    def scores_of(self, result: JobResult) -> PairScoreTable | None:
+        """The run's per-pair scores (its scores.csv), for paired comparisons in reports."""
+        return read_scores(self.client, result.run_ref) if result.run_ref else None
+
     def _check_readable(self) -> None:
         from mlflow.tracking import MlflowClient
 
