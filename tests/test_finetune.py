@@ -116,20 +116,47 @@ def test_a_damaged_stored_model_is_said_and_trained_again_to_the_same_weights(ru
 @pytest.mark.parametrize("arguments, message", [
     (("finetune.train_split=validation",), "finetune.train_split=validation is the evaluated split"),
     (("finetune.train_split=test",), "finetune.train_split=test: this dataset has no such split"),
-    (("finetune.loss=mnrl",), "finetune.loss=mnrl trains on positive pairs"),
     (("finetune.loss=triplet",), "finetune.loss=triplet: use one of mnrl, cosent"),
-    (("finetune.patience=2",), "finetune.patience needs a held-out part"),
     (("encoder=glove",), "finetune=contrastive cannot train encoder=glove"),
 ])
-def test_bad_fine_tuning_input_is_one_line_and_exit_2(run_cli, tmp_path, tiny_vectors, arguments, message):
+def test_bad_fine_tuning_input_is_one_line_and_exit_2_before_any_run(run_cli, tmp_path, tiny_vectors, arguments, message):
     folder = write_stsb(tmp_path / "STS-B")
     result = run_cli(*TINY, f"dataset.data_dir={folder}", f"encoder.vectors={tiny_vectors}" if "encoder=glove" in arguments else "seed=0",
                      "finetune=contrastive", *arguments)
     assert result.returncode == 2, result.stderr[-3000:]
     assert any(message in line for line in result.error_lines), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    if "mnrl" not in arguments[0]:  # known before any run exists
-        assert not [r for r in result.runs() if "layerprobe.layer" in r.data.tags or r.info.status == "FAILED"]
+    assert not [r for r in result.runs() if "layerprobe.layer" in r.data.tags or r.info.status == "FAILED"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"patience": 2}, "finetune.patience needs a held-out part"),
+    ({"held_out_fraction": 1.5}, "finetune.held_out_fraction=1.5 must be in [0, 1)"),
+    ({"method": "qlora"}, "finetune.method=qlora: use full or lora"),
+    ({"epochs": 0}, "finetune.epochs=0 must be at least 1"),
+    ({"loss": "mnrl", "batch_size": 1}, "mnrl needs at least 2 pairs per batch"),
+    ({"lr": 0}, "finetune.lr=0.0 must be positive"),
+])
+def test_bad_fine_tuning_options_are_one_line_errors(options, message):
+    from omegaconf import OmegaConf
+
+    from framework.errors import LayerprobeError
+    from framework.plugins import registry
+
+    with pytest.raises(LayerprobeError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        registry().build("finetuner", OmegaConf.create({"name": "contrastive", **options}))
+
+
+def test_mnrl_on_graded_scores_is_refused_with_the_losses_that_fit():
+    from omegaconf import OmegaConf
+
+    from framework.errors import LayerprobeError
+    from framework.plugins import registry
+
+    finetuner = registry().build("finetuner", OmegaConf.create({"name": "contrastive", "loss": "mnrl"}))
+    finetuner.check("binary")
+    with pytest.raises(LayerprobeError, match="finetune.loss=mnrl trains on positive pairs.*use finetune.loss=cosent or angle"):
+        finetuner.check("graded")
 
 
 def test_mnrl_on_paraphrase_pairs_with_a_held_out_part_and_early_stopping(run_cli, tiny_mrpc):
