@@ -17,6 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Per-user caches layerprobe keeps (the empty MLflow store it copies new stores from): inside the
+# test session, not in the user's home.
+if "LAYERPROBE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["LAYERPROBE_CACHE_DIR"] = tempfile.mkdtemp(prefix="layerprobe-test-cache-")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_GLUE = REPO.parent / "shared" / "data" / "glue"
 needs_shared_data = pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason="../shared/data/glue is not beside this checkout")

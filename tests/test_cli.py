@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_GLUE, needs_shared_data
+from conftest import SHARED_GLUE, CliResult, needs_shared_data
 
 
 def test_single_job_logs_params_metrics_and_per_pair_scores(run_cli, tiny_mrpc, tiny_vectors):
@@ -159,3 +159,38 @@ def test_logged_ranking_metrics_are_sklearns_on_the_runs_own_scores(run_cli):
     assert len(set(scores)) < len(scores) - 100  # the ties are there
     assert run.data.metrics["average_precision"] == average_precision_score(labels, scores)
     assert run.data.metrics["roc_auc"] == roc_auc_score(labels, scores)
+
+
+def test_a_new_store_starts_from_the_empty_template_and_a_damaged_template_is_not_used(run_cli, tmp_path, tiny_mrpc, tiny_vectors):
+    """The first new store on a machine is migrated by MLflow and kept as the template; later new
+    stores are copies of it: the same schema and revision, the Default experiment placed as MLflow
+    would, our experiment and runs as usual. A template that is not a sound empty store is ignored."""
+    import sqlite3
+
+    cache = tmp_path / "cache-home"
+    env = {"LAYERPROBE_CACHE_DIR": str(cache)}
+    args = (f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "metric=spearman")
+    first = run_cli(*args, "tracking.dir=" + str(tmp_path / "first"), env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (template,) = cache.glob("mlflow-*-empty.db")
+    second = run_cli(*args, "tracking.dir=" + str(tmp_path / "second"), env=env)
+    assert second.returncode == 0, second.stderr[-2000:]
+
+    def shape(path):  # tables with their columns, indexes, revision (two migrations order CHECKs differently in the SQL text)
+        with sqlite3.connect(path) as db:
+            names = sorted(db.execute("SELECT type, name, tbl_name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())
+            columns = {table: db.execute(f"PRAGMA table_info('{table}')").fetchall() for kind, table, _ in names if kind == "table"}
+            return ((names, columns), db.execute("SELECT version_num FROM alembic_version").fetchall(),
+                    db.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments ORDER BY 1").fetchall())
+
+    made, copied = shape(tmp_path / "first" / "mlflow.db"), shape(tmp_path / "second" / "mlflow.db")
+    assert made[:2] == copied[:2]
+    assert [e[0:2] + e[3:] for e in made[2]] == [e[0:2] + e[3:] for e in copied[2]] == [(0, "Default", "deleted"), (1, "layerprobe", "active")]
+    assert copied[2][1][2] == (tmp_path / "second" / "artifacts" / "layerprobe").as_uri()
+    (run,) = CliResult(0, "", "", tmp_path / "second").runs()
+    assert run.info.status == "FINISHED"
+    template.write_bytes(b"not a database")
+    third = run_cli(*args, "tracking.dir=" + str(tmp_path / "third"), env=env)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert shape(tmp_path / "third" / "mlflow.db")[:2] == made[:2]
+    assert shape(template)[2] == [(0, "Default", made[2][0][2], "active")]  # made again, sound and empty

@@ -9,6 +9,7 @@ created experiments go to ``<tracking.dir>/artifacts/<experiment>/``, so everyth
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import urllib.error
@@ -90,7 +91,12 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
                 with FileLock(str(database) + ".lock", timeout=LOCK_TIMEOUT_SECONDS):
                     new = not database.exists()
                     try:
+                        templated = new and _copy_empty_store(database)
                         client = MlflowClient(uri)
+                        if templated:
+                            _claim_default_experiment(client, database)
+                        elif new:
+                            _keep_empty_store(database)
                         found = _experiment_id(client, experiment, artifact_folder)
                         if new:
                             _hide_default_experiment(client)
@@ -113,6 +119,84 @@ def open_store(uri: str, experiment: str, artifact_folder: str | None):
         return client, _experiment_id(client, experiment, artifact_folder)
     except MlflowException as error:
         raise LayerprobeError(f"MLflow store {uri}: {(str(error).splitlines() or [''])[0][:300]}") from None
+
+
+def empty_store_template() -> Path:
+    """Where a new, empty MLflow SQLite store of this MLflow version is kept (one per machine and user).
+
+    Creating a store runs MLflow's ~60 schema migrations (1–2 s, paid by every sweep into a new
+    tracking.dir and by most tests); a copy of an empty, migrated store is the same database in
+    milliseconds. In ``$LAYERPROBE_CACHE_DIR``, default ``$XDG_CACHE_HOME/layerprobe`` (``~/.cache/layerprobe``).
+    """
+    import mlflow
+
+    folder = os.environ.get("LAYERPROBE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "layerprobe"
+    return Path(folder).expanduser() / f"mlflow-{mlflow.__version__}-empty.db"
+
+
+def _empty_store_is_sound(path: Path) -> bool:
+    """A migrated store with MLflow's Default experiment and nothing else: anything else is not used."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            return (db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+                    and db.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+                    and db.execute("SELECT experiment_id, name FROM experiments").fetchall() == [(0, "Default")]
+                    and db.execute("SELECT count(*) FROM runs").fetchone() == (0,))
+    except sqlite3.Error:
+        return False
+
+
+def _copy_empty_store(database: Path) -> bool:
+    """Start a new store as a copy of the empty template (True), when a sound one exists."""
+    import shutil
+
+    template = empty_store_template()
+    if not template.is_file():
+        return False
+    if not _empty_store_is_sound(template):
+        template.unlink(missing_ok=True)  # damaged or of another shape: made again from the next new store
+        return False
+    temporary = database.with_name(f".{database.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(template, temporary)
+        os.replace(temporary, database)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return True
+
+
+def _claim_default_experiment(client, database: Path) -> None:
+    """The copied store's Default experiment, as MLflow would have created it here and now: its
+    artifact location under this store's artifact root, its times now."""
+    import sqlite3
+    import time
+
+    store = client._tracking_client.store
+    location = store._get_artifact_location(0) if hasattr(store, "_get_artifact_location") else None
+    now = int(time.time() * 1000)
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        if location is not None:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (location,))
+        db.execute("UPDATE experiments SET creation_time = ?, last_update_time = ? WHERE experiment_id = 0", (now, now))
+
+
+def _keep_empty_store(database: Path) -> None:
+    """Keep a copy of a store MLflow just created (migrated, nothing in it yet) as the template."""
+    template = empty_store_template()
+    temporary = template.with_name(f".{template.name}.{os.getpid()}.tmp")
+    try:
+        import shutil
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(database, temporary)
+        if _empty_store_is_sound(temporary):
+            os.replace(temporary, template)
+    except OSError:  # no cache folder to write: every new store migrates, as without the template
+        pass
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _hide_default_experiment(client) -> None:
