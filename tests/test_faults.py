@@ -250,13 +250,22 @@ def one_line_error(result, *words):
     return errors[0]
 
 
-def test_a_new_store_on_a_full_disk_is_one_line_and_leaves_no_broken_database(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors):
+@pytest.mark.parametrize("template", [False, True], ids=["migrating", "copying the empty-store template"])
+def test_a_new_store_on_a_full_disk_is_one_line_and_leaves_no_broken_database(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors,
+                                                                              template):
+    job = (f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "metric=spearman")
+    env = {"LAYERPROBE_CACHE_DIR": str(tmp_path / "cache-home")}
+    if template:  # a first store elsewhere leaves the template behind
+        assert run_cli(*job, f"tracking.dir={tmp_path / 'elsewhere'}", env=env).returncode == 0
+        assert list((tmp_path / "cache-home").glob("mlflow-*-empty.db"))
     disk = small_disk(tmp_path / "disk")
     fill(disk)
-    result = run_cli(f"encoder.vectors={tiny_vectors}", f"dataset.data_dir={tiny_mrpc}", "metric=spearman",
-                     f"tracking.dir={disk / 'mlruns'}", f"hydra.run.dir={tmp_path / 'hydra'}")
-    one_line_error(result, str(disk / "mlruns" / "mlflow.db"), "disk is full")
+    result = run_cli(*job, f"tracking.dir={disk / 'mlruns'}", f"hydra.run.dir={tmp_path / 'hydra'}", env=env)
+    line = one_line_error(result, str(disk / "mlruns" / "mlflow.db"), "cannot write the MLflow store")
+    expected = f"no space left on the device (writing {disk / 'mlruns' / 'mlflow.db'})" if template else "disk is full"
+    assert expected in line, line
     assert not (disk / "mlruns" / "mlflow.db").exists()  # a half-migrated database would break every later run
+    assert not [p for p in (disk / "mlruns").iterdir() if p.name.endswith(".tmp")]  # nor a half-copied one
 
 
 def test_a_full_disk_under_an_existing_store_is_one_line_and_leaves_no_run_running(run_cli, tmp_path, small_disk, tiny_mrpc, tiny_vectors):

@@ -162,6 +162,8 @@ def _copy_empty_store(database: Path) -> bool:
     try:
         shutil.copyfile(template, temporary)
         os.replace(temporary, database)
+    except OSError as error:  # a full or read-only disk: said of the store being made, not of the template
+        raise OSError(error.errno, error.strerror, str(database)) from error
     finally:
         temporary.unlink(missing_ok=True)
     return True
