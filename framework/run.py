@@ -159,6 +159,8 @@ def plan_finetune(cfg: DictConfig, registry: Registry, dataset, encoder, given: 
     _check_split(dataset, split)
     if split.limit is not None and (isinstance(split.limit, bool) or not isinstance(split.limit, int) or split.limit < 1):
         raise LayerprobeError(f"finetune.train_limit={split.limit} must be a positive number of pairs (or null for all)")
+    if getattr(dataset, "label_kind", None) in ("binary", "graded"):  # a loss that does not fit the labels: said now
+        finetuner.check(dataset.label_kind)
     weights = {key: value for key, value in OmegaConf.to_container(options, resolve=True).items() if key != "dir"}
     root = Path(str(options.get("dir") or "layerprobe-outputs/finetuned")).expanduser()
     return FinetunePlan(finetuner, split, root, json.dumps(weights, sort_keys=True), registry, cfg.encoder, encoder)

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 class Dataset(Protocol):
     splits: tuple[str, ...]
+    # Optional: "binary" or "graded" when the labels' kind is known without reading a split (GLUE
+    # tasks; dataset=pairs with dataset.label_kind set), so label checks run before any run exists.
+    label_kind: str | None
 
     def load(self, split: str, limit: int | None) -> PairSet:
         """The split's pairs (the first ``limit`` rows if given); bad rows counted, not dropped silently.

@@ -62,6 +62,10 @@ class GlueDataset:
         self.data_dir = _local_folder(task, options)
 
     @property
+    def label_kind(self) -> str:
+        return self.task.label_kind
+
+    @property
     def splits(self) -> tuple[str, ...]:
         """Splits that can be loaded: all three from the hub, those with a file in a local folder."""
         if self.data_dir is None:

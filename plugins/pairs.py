@@ -46,6 +46,11 @@ class PairsOptions:
 
 
 class PairsDataset:
+    @property
+    def label_kind(self) -> str | None:
+        """As configured; None for auto (known once a split is read)."""
+        return None if self.options.label_kind == "auto" else self.options.label_kind
+
     def __init__(self, options: PairsOptions):
         if bool(options.files) == bool(options.hub):
             raise LayerprobeError("dataset=pairs needs exactly one of dataset.files={split: file, …} "

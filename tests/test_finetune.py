@@ -117,6 +117,7 @@ def test_a_damaged_stored_model_is_said_and_trained_again_to_the_same_weights(ru
     (("finetune.train_split=validation",), "finetune.train_split=validation is the evaluated split"),
     (("finetune.train_split=test",), "finetune.train_split=test: this dataset has no such split"),
     (("finetune.loss=triplet",), "finetune.loss=triplet: use one of mnrl, cosent"),
+    (("finetune.loss=mnrl",), "finetune.loss=mnrl trains on positive pairs"),  # STS-B is graded: known before reading it
     (("encoder=glove",), "finetune=contrastive cannot train encoder=glove"),
 ])
 def test_bad_fine_tuning_input_is_one_line_and_exit_2_before_any_run(run_cli, tmp_path, tiny_vectors, arguments, message):
