@@ -99,6 +99,12 @@ def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
             "postprocess": str(settings.get("postprocess.name", "none")), "finetune": finetune_label(settings)}
 
 
+def finetune_tag(label: dict[str, str]) -> str:
+    """`` ft:cosent`` (or `` ft:contrastive`` when the loss follows the labels) in titles and legends; "" untuned."""
+    tuned = label.get("finetune", "none")
+    return "" if tuned == "none" else " ft:" + tuned.split(":", 1)[-1]
+
+
 def finetune_label(settings: dict) -> str:
     """``none``, or the fine-tuning as tables name it: ``contrastive``, ``contrastive:cosent``."""
     name = str(settings.get("finetune.name", "none"))
@@ -126,9 +132,7 @@ def run_title(label: dict[str, str], settings: dict, swept: list[str], in_sweep:
     ``rwkv:v6-Finch-1B6 L11 mean · mrpc/validation`` (+ post-processing, + other swept settings):
     short enough for MLflow's runs table."""
     layer = f" L{label['layer']}" if label.get("layer", "-") != "-" else ""
-    post = f" +{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""
-    if label.get("finetune", "none") != "none":
-        post += " ft:" + label["finetune"].split(":", 1)[-1]  # ft:cosent, ft:contrastive
+    post = (f" +{label['postprocess']}" if label.get("postprocess", "none") != "none" else "") + finetune_tag(label)
     encoder, split = label["encoder"], label["split"]
     if in_sweep:
         encoder = encoder if "encoder.model" in swept else (encoder_choice or encoder.split(":", 1)[0])

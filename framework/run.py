@@ -282,7 +282,8 @@ def tune_encoder(job: JobPlan) -> Tuned:
     with CLOCK.measure("data"):
         train = _load_split(job.dataset, plan.split)
     plan.finetuner.check(train.label_kind)
-    fingerprint = hashlib.sha256(f"{plan.base.fingerprint()}|{plan.identity}|seed={job.seed}|{train.revision}".encode()).hexdigest()[:16]
+    base = plan.base.fingerprint()
+    fingerprint = hashlib.sha256(f"{base}|{plan.identity}|seed={job.seed}|{train.revision}".encode()).hexdigest()[:16]
     folder = plan.root / fingerprint
     try:
         plan.root.mkdir(parents=True, exist_ok=True)
@@ -295,14 +296,14 @@ def tune_encoder(job: JobPlan) -> Tuned:
             tuned = Tuned(fingerprint, str(folder), "cache", float(stored["seconds"]), TuneReport(**stored["report"]),
                           stored.get("settings", {}))
         else:
-            tuned = _train(job, train, fingerprint, folder)
+            tuned = _train(job, train, base, fingerprint, folder)
     on_tuned = {plan.base.model_option: str(folder), **({"revision": None} if "revision" in plan.encoder_config else {})}
     encoder = shared_encoder(plan.registry, OmegaConf.merge(plan.encoder_config, on_tuned))
     job.encoder = CachedEncoder(encoder, job.cache) if job.cache is not None else encoder
     return tuned
 
 
-def _train(job: JobPlan, train: PairSet, fingerprint: str, folder: Path) -> Tuned:
+def _train(job: JobPlan, train: PairSet, base: str, fingerprint: str, folder: Path) -> Tuned:
     import shutil
     import tempfile
 
@@ -318,7 +319,7 @@ def _train(job: JobPlan, train: PairSet, fingerprint: str, folder: Path) -> Tune
             report = plan.finetuner.tune(model, revision, train, job.seed, staging / "model")
         seconds = time.perf_counter() - started
         made = staging / "model"
-        settings = {"base_model": model, "base_revision": revision, "base_fingerprint": plan.base.fingerprint(),
+        settings = {"base_model": model, "base_revision": revision, "base_fingerprint": base,
                     "train_split": train.split, "train_revision": train.revision, "seed": job.seed,
                     "options": json.loads(plan.identity)}
         manifest = {"fingerprint": fingerprint, "seconds": seconds, "report": asdict(report), "settings": settings,
@@ -330,24 +331,37 @@ def _train(job: JobPlan, train: PairSet, fingerprint: str, folder: Path) -> Tune
     return Tuned(fingerprint, str(folder), "computed", seconds, report, settings)
 
 
+_VERIFIED: dict[str, tuple] = {}  # tuned folders this process checked, with the files' (size, mtime) then
+
+
 def _stored_tuning(folder: Path) -> dict | None:
     """The manifest of a stored tuned model whose every file matches its checksum, else None
-    (a damaged one is said on stderr and trained again, never evaluated)."""
+    (a damaged one is said on stderr and trained again, never evaluated). A folder this process
+    already checked is read again only if a file's size or modification time changed since."""
     path = folder / TUNED_MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
-        damaged = [name for name, digest in files.items() if not (folder / name).is_file() or _file_digest(folder / name) != digest]
         TuneReport(**manifest["report"])
+        stamp = tuple((name, *_size_and_mtime(folder / name)) for name in sorted(files)) + (_size_and_mtime(path),)
+        damaged = [] if _VERIFIED.get(str(folder)) == stamp else \
+            [name for name, digest in files.items() if not (folder / name).is_file() or _file_digest(folder / name) != digest]
     except (OSError, ValueError, KeyError, TypeError) as error:
         damaged = [f"{TUNED_MANIFEST} ({error})"]
     if damaged:
+        _VERIFIED.pop(str(folder), None)
         print(f"layerprobe: warning: the stored fine-tuned model {folder} is damaged ({', '.join(damaged[:3])}); "
               "training it again", file=sys.stderr, flush=True)
         return None
+    _VERIFIED[str(folder)] = stamp
     return manifest
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
 
 
 def _file_digest(path: Path) -> str:

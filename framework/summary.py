@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from framework.results import JobResult, identity, metric_order, varying_settings
+from framework.results import JobResult, finetune_tag, identity, metric_order, varying_settings
 
 # ms_per_pair: producing the states (what computing them cost, also when read from the cache), pooling, cosine.
 # fit_s: what fitting a learned pooler or a post-processor cost on the train split (its states and the fit), "" if none.
@@ -273,9 +273,7 @@ def line_label(result: JobResult, extra: list[str]) -> str:
     """A plot line: encoder/pooler plus every differing setting (not the layer, the x axis)."""
     settings = identity(result.settings)
     post = result.label.get("postprocess", "none")
-    tuned = result.label.get("finetune", "none")
-    parts = [f"{result.label['encoder']}/{result.label['pooler']}" + (f" +{post}" if post != "none" else "")
-             + (f" ft:{tuned.split(':', 1)[-1]}" if tuned != "none" else "")]
+    parts = [f"{result.label['encoder']}/{result.label['pooler']}" + (f" +{post}" if post != "none" else "") + finetune_tag(result.label)]
     parts += [f"{key}={settings[key]}" for key in extra
               if key not in ("layer", "postprocess.name", "finetune.name") and key in settings]
     return " ".join(parts)  # a setting the result lacks (another encoder's option) is not shown as key=

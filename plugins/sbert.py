@@ -64,8 +64,7 @@ class SentenceTransformersEncoder:
     model_option = "model"  # finetune=…: the same encoder on tuned weights is this one with model=<tuned folder>
 
     def tunable_model(self) -> tuple[str, str | None]:
-        """The weights a finetuner starts from: a folder (package:<module> resolved) or hub id, and the revision."""
-        return resolve_model(self.options.model), self.options.revision
+        return self._layers.tunable_model()  # the same model and revision options, read the same way as encoder=hf
 
     def resolve_layer(self, layer: int | None) -> Layer:
         """null: the model's own sentence embedding (its full pipeline); k: hidden_states[k] of its transformer."""

@@ -186,11 +186,11 @@ def _claim_default_experiment(client, database: Path) -> None:
 
 def _keep_empty_store(database: Path) -> None:
     """Keep a copy of a store MLflow just created (migrated, nothing in it yet) as the template."""
+    import shutil
+
     template = empty_store_template()
     temporary = template.with_name(f".{template.name}.{os.getpid()}.tmp")
     try:
-        import shutil
-
         template.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(database, temporary)
         if _empty_store_is_sound(temporary):
