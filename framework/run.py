@@ -28,7 +28,7 @@ from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
 from framework.phases import CLOCK
 from framework.plugins import Registry
-from framework.stages import LearnedPooler, TunableEncoder, cache_token_states, learned_tensors, needs_fit
+from framework.stages import LearnedPooler, TrainableEncoder, TunableEncoder, cache_token_states, learned_tensors, needs_fit
 
 if TYPE_CHECKING:
     import torch
@@ -149,8 +149,11 @@ def plan_finetune(cfg: DictConfig, registry: Registry, dataset, encoder, given: 
         return None
     if given or not isinstance(encoder, TunableEncoder):
         what = "an encoder given as an object" if given else f"encoder={cfg.encoder.get('name')}"
-        raise LayerprobeError(f"finetune={options.name} cannot train {what}: it tunes transformers models "
-                              "(encoder=hf, minilm, sentence_transformers, minilm_st); RWKV fine-tuning is not available yet")
+        raise LayerprobeError(f"finetune={options.name} cannot train {what}: it tunes encoders with trainable weights "
+                              "(encoder=hf, minilm, sentence_transformers, minilm_st, rwkv)")
+    check_module = getattr(finetuner, "check_module", None)
+    if callable(check_module):
+        check_module(isinstance(encoder, TrainableEncoder))
     split = Split(options.get("train_split", "train"), options.get("train_limit"), "finetune.train_split")
     evaluated = cfg.dataset.get("split", "validation")
     if split.name == evaluated:
@@ -316,7 +319,8 @@ def _train(job: JobPlan, train: PairSet, base: str, fingerprint: str, folder: Pa
     try:
         started = time.perf_counter()
         with CLOCK.measure("finetune"):
-            report = plan.finetuner.tune(model, revision, train, job.seed, staging / "model")
+            source = plan.base.training_module() if isinstance(plan.base, TrainableEncoder) else model
+            report = plan.finetuner.tune(source, revision, train, job.seed, staging / "model")
         seconds = time.perf_counter() - started
         made = staging / "model"
         settings = {"base_model": model, "base_revision": revision, "base_fingerprint": base,

@@ -72,6 +72,16 @@ class TunableEncoder(Protocol):
 
 
 @runtime_checkable
+class TrainableEncoder(TunableEncoder, Protocol):
+    """Optional: a tunable encoder whose model is not a transformers model (RWKV). Its
+    ``training_module()`` is a differentiable module in sentence-transformers' input-module form
+    (``preprocess``, ``forward`` → ``token_embeddings``, ``save``) that the finetuner trains instead
+    of loading ``tunable_model()``; the folder it saves is what ``model_option`` loads."""
+
+    def training_module(self) -> Any: ...
+
+
+@runtime_checkable
 class Finetuner(Protocol):
     """Trains an encoder's model on the pairs of a train split (``finetune=<name>``).
 
@@ -79,7 +89,9 @@ class Finetuner(Protocol):
     ``LayerprobeError`` for options that do not fit the labels (e.g. a loss for positive pairs on
     graded scores); ``tune(model, revision, train, seed, out)`` writes the tuned model,
     loadable by ``transformers``/``sentence-transformers``, into the empty folder ``out`` and returns
-    a ``TuneReport``. The harness stores it by fingerprint and never shows it the evaluated split.
+    a ``TuneReport``; ``model`` is a folder or hub id, or a ``TrainableEncoder``'s training module.
+    Optional ``check_module(trainable)`` refuses options that need a transformers model when the
+    encoder gives a training module instead (``trainable=True``). The harness stores it by fingerprint and never shows it the evaluated split.
     """
 
     needs_tuning: bool

@@ -35,6 +35,7 @@ from framework.hookspecs import hookimpl
 
 LOSSES = ("mnrl", "cosent", "angle", "adaptive_layer", "matryoshka")
 METHODS = ("full", "lora")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -73,6 +74,7 @@ class ContrastiveOptions:
     matryoshka_dims: list[int] | None = None  # None: the full size, halved down to 32
     method: str = "full"  # full | lora
     lora: LoraOptions = field(default_factory=LoraOptions)
+    precision: str = "auto"  # auto (bf16 autocast on a CUDA device that has it, else fp32) | fp32 | bf16
 
 
 class ContrastiveFinetuner:
@@ -97,6 +99,8 @@ class ContrastiveFinetuner:
         if options.patience is not None and (options.patience < 1 or options.held_out_fraction == 0):
             raise LayerprobeError("finetune.patience needs a held-out part to watch: set finetune.held_out_fraction (e.g. 0.1) "
                                   "and a patience of at least 1 epoch")
+        if options.precision not in PRECISIONS:
+            raise LayerprobeError(f"finetune.precision={options.precision}: use auto, fp32 or bf16")
         if options.method == "lora":
             try:
                 import peft  # noqa: F401
@@ -120,7 +124,20 @@ class ContrastiveFinetuner:
             raise LayerprobeError("finetune.loss=mnrl trains on positive pairs, which graded scores do not mark; "
                                   "use finetune.loss=cosent or angle (or null: cosent for graded labels)")
 
-    def tune(self, model: str, revision: str | None, train: PairSet, seed: int, out: Path) -> TuneReport:
+    def check_module(self, trainable: bool) -> None:
+        """A training module (RWKV) is not a transformers model: LoRA and AdaptiveLayerLoss need one."""
+        if not trainable:
+            return
+        if self.options.method == "lora":
+            raise LayerprobeError("finetune.method=lora needs a transformers model (peft adapts its linear layers); "
+                                  "use finetune.method=full for this encoder")
+        if self.options.loss == "adaptive_layer":
+            raise LayerprobeError("finetune.loss=adaptive_layer needs a transformers model (it reads every layer's "
+                                  "states through it); use cosent, angle, mnrl or matryoshka for this encoder")
+
+    def tune(self, model, revision: str | None, train: PairSet, seed: int, out: Path) -> TuneReport:
+        """``model``: a folder or hub id that sentence-transformers loads, or a training module
+        (``framework.stages.TrainableEncoder``) to put in front of mean pooling."""
         try:
             from datasets import Dataset
             from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -139,7 +156,15 @@ class ContrastiveFinetuner:
         self.check(train.label_kind)
         base = self._base_loss(options.loss, train.label_kind)
         set_seed(seed)
-        st_model = SentenceTransformer(model, revision=revision, device="cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(model, str):
+            st_model = SentenceTransformer(model, revision=revision, device=device)
+        else:
+            self.check_module(True)
+            st_model = SentenceTransformer(modules=[model, _mean_pooling(model.get_embedding_dimension())], device=device)
+        bf16 = options.precision == "bf16" or (options.precision == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+        if options.precision == "bf16" and device != "cuda":
+            raise LayerprobeError("finetune.precision=bf16 needs a CUDA device; use finetune.precision=fp32 (or auto) on the CPU")
         if options.max_length is not None:
             st_model.max_seq_length = options.max_length
         if options.method == "lora":
@@ -194,7 +219,7 @@ class ContrastiveFinetuner:
                 output_dir=checkpoints, num_train_epochs=options.epochs, per_device_train_batch_size=options.batch_size,
                 per_device_eval_batch_size=max(options.batch_size, 32), learning_rate=options.lr,
                 **_warmup(options.warmup_ratio), weight_decay=options.weight_decay, seed=seed, data_seed=seed,
-                logging_steps=1, logging_first_step=True, report_to="none", disable_tqdm=True,
+                logging_steps=1, logging_first_step=True, report_to="none", disable_tqdm=True, bf16=bf16,
                 dataloader_pin_memory=torch.cuda.is_available(),
                 batch_sampler=BatchSamplers.NO_DUPLICATES if base == "mnrl" else BatchSamplers.BATCH_SAMPLER,
                 eval_strategy="epoch" if evaluator is not None else "no",
@@ -218,6 +243,14 @@ class ContrastiveFinetuner:
             _merge_lora(st_model)
         st_model.save(str(out), safe_serialization=True)
         return TuneReport(self.loss_name(train.label_kind), curve, notes, len(rows[next(iter(rows))]))
+
+
+def _mean_pooling(dimension: int):
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:  # sentence-transformers before 6
+        from sentence_transformers.models import Pooling
+    return Pooling(dimension, pooling_mode="mean")
 
 
 def _warmup(ratio: float) -> dict:

@@ -41,6 +41,8 @@ def load_checkpoint(model: str, revision: str | None = None, device: str | torch
     come from the files' headers), so work that needs only shapes can overlap the reading.
     On CUDA, safetensors files are streamed straight into GPU memory."""
     path = Path(model).expanduser()
+    if path.is_dir() and (path / TRAINED_CONFIG).is_file():
+        return _from_trained_folder(path, torch.device(device), on_config)
     if path.is_dir():
         return _from_hf_folder(path, None, torch.device(device), on_config)
     if path.is_file():
@@ -91,6 +93,26 @@ def _from_hf_folder(folder: Path, source: str | None, device: torch.device, on_c
         on_config(config)
     state = _hf_names({k: v for o in opened for k, v in o.read().items()})
     return Checkpoint(config, state, source or f"folder:{folder.resolve()}")
+
+
+TRAINED_CONFIG = "rwkv_config.json"  # beside model.safetensors: a folder that finetune=contrastive wrote (plugins.rwkv.trainable)
+
+
+def _from_trained_folder(folder: Path, device: torch.device, on_config) -> Checkpoint:
+    """A fine-tuned RWKV-6 (a sentence-transformers folder): BlinkDL key names in model.safetensors."""
+    try:
+        settings = json.loads((folder / TRAINED_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LayerprobeError(f"{folder / TRAINED_CONFIG}: not valid JSON ({error})") from None
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise LayerprobeError(f"{folder}: {TRAINED_CONFIG} but no model.safetensors beside it; the fine-tuned folder is incomplete")
+    opened = _open(weights, device)
+    config = infer_config(opened.layout, str(weights), head_size_divisor=int(settings.get("head_size_divisor", 8)),
+                          layer_norm_eps=float(settings.get("layer_norm_eps", 1e-5)))
+    if on_config:
+        on_config(config)
+    return Checkpoint(config, opened.read(), f"folder:{folder.resolve()}")
 
 
 def _hf_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -88,6 +88,19 @@ class RWKVEncoder:
         self.model
         return self._fingerprint
 
+    model_option = "model"  # finetune=…: the same encoder on tuned weights is this one with model=<tuned folder>
+
+    def tunable_model(self) -> tuple[str, str | None]:
+        return self.options.model, self.options.revision
+
+    def training_module(self):
+        """The checkpoint as a differentiable sentence-transformers module (float32, on the CPU until
+        the trainer moves it): what ``finetune=contrastive`` trains."""
+        from plugins.rwkv.checkpoint import build_model, load_checkpoint
+        from plugins.rwkv.trainable import RWKVTransformer
+
+        return RWKVTransformer(build_model(load_checkpoint(self.options.model, self.options.revision, "cpu"), "cpu"))
+
     def encode(self, sentences: Sequence[str], layer: Layer) -> Iterator[TokenStates]:
         return self.encode_tokens(self.tokenizer.encode_batch(list(sentences)), layer)
 

@@ -70,9 +70,14 @@ def _time_mix_inputs(xx, is_start, maa_x, maa_wkvrg, mix_w1, mix_w2,
     wx, kx, vx, rx, gx = (xx + sx * (maa_wkvrg[:, None, :] + m)).to(dtype).unbind(0)
     r, k, v = rx @ receptance.t(), kx @ key.t(), vx @ value.t()
     g = F.silu(gx @ gate.t())
-    # Data-dependent decay, given in log-log space: d = exp(-exp(w)), in float32.
+    # Data-dependent decay, given in log-log space: log d = -exp(w), in float32.
     w = decay + (torch.tanh(wx @ decay_w1) @ decay_w2).float()
-    return r, k, v, torch.exp(-torch.exp(w)), g
+    return r, k, v, -torch.exp(w), g
+
+
+def wkv_from_log_decay(r, k, v, log_decay, u, cu_seqlens) -> torch.Tensor:
+    """The eager model's WKV (``plugins.rwkv.wkv.wkv6``, differentiable), given log d = -exp(w)."""
+    return wkv6(r, k, v, torch.exp(log_decay), u, cu_seqlens)
 
 
 def _time_mix_output(x, y, g, output):
@@ -108,17 +113,19 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(C, A, bias=False, device=device)
         self.output = nn.Linear(A, C, bias=False, device=device)
         self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps, device=device)
+        # (r, k, v, log decay, u, cu_seqlens) → float32 output; training on CUDA swaps in a kernel with a backward
+        self.wkv = wkv_from_log_decay
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm, packed: Packed) -> torch.Tensor:
         """``x + att(ln(x))``: the residual add is fused into the output projection's epilogue."""
         T, H, N = x.shape[0], self.config.num_heads, self.config.head_size
         maa_wkvrg = torch.cat([self.time_maa_w[0], self.time_maa_k[0], self.time_maa_v[0], self.time_maa_r[0], self.time_maa_g[0]])
         xx = _layer_norm(norm, x)
-        r, k, v, d, g = _time_mix_inputs(xx, packed.is_start, self.time_maa_x[0, 0], maa_wkvrg,
+        r, k, v, log_d, g = _time_mix_inputs(xx, packed.is_start, self.time_maa_x[0, 0], maa_wkvrg,
                                          self.time_maa_w1, self.time_maa_w2,
                                          self.receptance.weight, self.key.weight, self.value.weight, self.gate.weight,
                                          self.time_decay[0, 0], self.time_decay_w1, self.time_decay_w2)
-        y = wkv6(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), d.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
+        y = self.wkv(r.view(T, H, N), k.view(T, H, N), v.view(T, H, N), log_d.view(T, H, N), self.time_faaaa, packed.cu_seqlens)
         y = F.group_norm(y.view(T, H * N), H, self.ln_x.weight, self.ln_x.bias, self.ln_x.eps)
         return _time_mix_output(x, y, g, self.output.weight)
 

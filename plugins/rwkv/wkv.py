@@ -65,7 +65,7 @@ def wkv6_chunked(r, k, v, decay, u, cu_seqlens, chunk: int = CHUNK) -> torch.Ten
             rc, kc, vc, lc = R[rows, :, cols], K[rows, :, cols], V[rows, :, cols], log_decay[rows, :, cols]
             total = lc.cumsum(dim=2)  # Σ log d up to and including each token
             # weight of token s's k v in token t's output (s < t): r_t · (k_s ⊙ exp(before_t − total_s))
-            if float(total[:, :, -1].min()) > SAFE_LOG_DECAY:
+            if float(total[:, :, -1].detach().min()) > SAFE_LOG_DECAY:
                 # exp(before_t) · exp(−total_s) cannot overflow here: one matmul per chunk
                 r_decayed = rc * (total - lc).exp()  # r_t ⊙ exp(Σ log d up to the token before)
                 attention = (r_decayed @ (kc * (-total).exp()).transpose(2, 3)).masked_fill_(~earlier, 0.0)
@@ -110,3 +110,20 @@ def wkv6_reference(r, k, v, decay, u, cu_seqlens) -> torch.Tensor:
         out[:, t] = torch.einsum("bhi,bhij->bhj", R[:, t], u * kv + state)
         state = kv + decay[:, t, :, :, None] * state
     return out[sentence, position]
+
+
+def fla_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fla") is not None
+
+
+def fla_wkv6(r, k, v, log_decay, u, cu_seqlens) -> torch.Tensor:
+    """flash-linear-attention's chunked RWKV-6 kernels on the packed tokens (B = 1, ``cu_seqlens``):
+    the same recurrence as ``plugins.rwkv.wkv`` with log d, u as given and no 1/√N scale."""
+    from fla.ops.rwkv6 import chunk_rwkv6
+
+    dtype = r.dtype  # bf16 under autocast; the log decays stay float32 (fla sums them in float32)
+    out, _ = chunk_rwkv6(r[None], k.to(dtype)[None], v.to(dtype)[None], log_decay.float()[None], u.to(dtype), scale=1.0,
+                         cu_seqlens=cu_seqlens)
+    return out[0].float()
