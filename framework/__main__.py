@@ -82,10 +82,13 @@ def widen_option_overrides(arguments: list[str], plugins: Registry) -> list[str]
         if any(k is None for k in keys):
             continue
         top = key.split(".", 1)[0]
-        if all(top in k for k in keys) or not any(top in k for k in keys):
-            continue  # every option has it (nothing to widen) or none has it (check_overrides says so)
+        if not any(top in k for k in keys):
+            continue  # none has it: check_overrides says so
+        # ``++`` also where every swept option has the key: Hydra first composes the sweep with the
+        # group's default option (encoder=glove), which may lack it (-m encoder=rwkv,rwkv7 encoder.model=…)
         widened[index] = "++" + arguments[index].lstrip("+")
-        where.append(override.key_or_group)
+        if not all(top in k for k in keys):
+            where.append(override.key_or_group)
     if where:
         widened.append(f"only_where_defined=[{','.join(where)}]")
     return widened

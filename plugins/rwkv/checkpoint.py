@@ -1,6 +1,14 @@
-"""Load RWKV-6 weights from a Hugging Face folder (or hub id) or a BlinkDL ``.pth``, shapes inferred.
+"""Load RWKV-6 and RWKV-7 weights from a Hugging Face folder (or hub id) or a BlinkDL ``.pth`` /
+``.safetensors``, the version and shapes inferred from the keys (x070 has ``att.r_k``).
 
-Both layouts are turned into BlinkDL's key names, which ``plugins.rwkv.model.RWKV6`` uses.
+Every layout is turned into BlinkDL's key names, which ``plugins.rwkv.model.RWKV6`` and
+``plugins.rwkv.model7.RWKV7`` use. fla-hub's RWKV-7 folders (``RWKV7ForCausalLM``, e.g.
+``fla-hub/rwkv7-1.5B-world``) map as ``FLA7_NAMES`` says: ``model.embeddings`` → ``emb``,
+``model.layers.{i}.{pre_norm,attn_norm,ffn_norm}`` → ``blocks.{i}.{ln0,ln1,ln2}``,
+``attn.{r,k,v,o}_proj`` → ``att.{receptance,key,value,output}``, ``attn.{w,a,v,g}_lora.lora.0.weight``
+→ ``att.{w,a,v,g}1`` (transposed), ``….lora.2.weight`` → ``…2`` (transposed), ``….lora.2.bias`` →
+``att.{w,a,v}0``, ``attn.g_norm`` → ``att.ln_x``, ``attn.{x_*,k_k,k_a,r_k}`` and ``ffn.*`` by name,
+``model.norm`` → ``ln_out``, ``lm_head`` → ``head``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 
 from framework.errors import LayerprobeError
 from plugins.rwkv.model import RWKV6, RWKV6Config
+from plugins.rwkv.model7 import RWKV7, RWKV7Config
 
 HF_RENAMES = ((r"^rwkv\.", ""), (r"^embeddings\.", "emb."), (r"\.pre_ln\.", ".ln0."),
               (r"\.attention\.", ".att."), (r"\.feed_forward\.", ".ffn."))
@@ -27,9 +36,74 @@ HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "pyt
                 "pytorch_model.bin.index.json", "*.txt"]
 
 
+# fla-hub RWKV-7 (pattern on the fla name) → BlinkDL x070 name, and whether the tensor is a transposed LoRA matrix
+FLA7_NAMES = (
+    (r"^model\.embeddings\.weight$", "emb.weight", False),
+    (r"^lm_head\.weight$", "head.weight", False),
+    (r"^model\.norm\.", "ln_out.", False),
+    (r"^model\.layers\.(\d+)\.pre_norm\.", r"blocks.\1.ln0.", False),
+    (r"^model\.layers\.(\d+)\.attn_norm\.", r"blocks.\1.ln1.", False),
+    (r"^model\.layers\.(\d+)\.ffn_norm\.", r"blocks.\1.ln2.", False),
+    (r"^model\.layers\.(\d+)\.attn\.r_proj\.", r"blocks.\1.att.receptance.", False),
+    (r"^model\.layers\.(\d+)\.attn\.k_proj\.", r"blocks.\1.att.key.", False),
+    (r"^model\.layers\.(\d+)\.attn\.v_proj\.", r"blocks.\1.att.value.", False),
+    (r"^model\.layers\.(\d+)\.attn\.o_proj\.", r"blocks.\1.att.output.", False),
+    (r"^model\.layers\.(\d+)\.attn\.([wavg])_lora\.lora\.0\.weight$", r"blocks.\1.att.\g<2>1", True),
+    (r"^model\.layers\.(\d+)\.attn\.([wavg])_lora\.lora\.2\.weight$", r"blocks.\1.att.\g<2>2", True),
+    (r"^model\.layers\.(\d+)\.attn\.([wav])_lora\.lora\.2\.bias$", r"blocks.\1.att.\g<2>0", False),
+    (r"^model\.layers\.(\d+)\.attn\.g_norm\.", r"blocks.\1.att.ln_x.", False),
+    (r"^model\.layers\.(\d+)\.attn\.", r"blocks.\1.att.", False),
+    (r"^model\.layers\.(\d+)\.ffn\.", r"blocks.\1.ffn.", False),
+)
+
+
+def fla7_to_blinkdl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, replacement, transposed in FLA7_NAMES:
+            if re.search(pattern, key):
+                key, tensor = re.sub(pattern, replacement, key), (tensor.t() if transposed else tensor)
+                break
+        renamed[key] = tensor
+    return renamed
+
+
+def blinkdl7_to_fla(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``fla7_to_blinkdl`` (random checkpoints in fla-hub's layout, for tests)."""
+    inverse = {"emb.weight": "model.embeddings.weight", "head.weight": "lm_head.weight"}
+    out = {}
+    for key, tensor in state.items():
+        if re.match(r"blocks\.0\.att\.v[012]$", key):
+            continue  # x070 never uses block 0's value residual; fla has no v_lora there
+        if key in inverse:
+            out[inverse[key]] = tensor
+            continue
+        if key.startswith("ln_out."):
+            out["model.norm." + key.split(".", 1)[1]] = tensor
+            continue
+        block, rest = re.match(r"blocks\.(\d+)\.(.*)", key).groups()
+        prefix = f"model.layers.{block}."
+        names = {"ln0.": "pre_norm.", "ln1.": "attn_norm.", "ln2.": "ffn_norm.", "att.receptance.": "attn.r_proj.",
+                 "att.key.": "attn.k_proj.", "att.value.": "attn.v_proj.", "att.output.": "attn.o_proj.", "att.ln_x.": "attn.g_norm."}
+        lora = re.match(r"att\.([wavg])([012])$", rest)
+        if lora:
+            kind, part = lora.groups()
+            name = {"0": "lora.2.bias", "1": "lora.0.weight", "2": "lora.2.weight"}[part]
+            out[f"{prefix}attn.{kind}_lora.{name}"] = tensor.reshape(-1) if part == "0" else tensor.t().contiguous()
+            continue
+        for old, new in names.items():
+            if rest.startswith(old):
+                out[prefix + new + rest[len(old):]] = tensor
+                break
+        else:
+            flat = rest.endswith(("k_k", "k_a")) or rest == "ffn.x_k"
+            out[prefix + rest.replace("att.", "attn.", 1)] = tensor.reshape(-1) if flat else tensor
+    return out
+
+
 @dataclass
 class Checkpoint:
-    config: RWKV6Config
+    config: RWKV6Config | RWKV7Config
     state: dict[str, torch.Tensor]
     source: str
 
@@ -47,7 +121,7 @@ def load_checkpoint(model: str, revision: str | None = None, device: str | torch
         return _from_hf_folder(path, None, torch.device(device), on_config)
     if path.is_file():
         opened = _open(path, torch.device(device))
-        config = infer_config(opened.layout, str(path))
+        config = infer_any_config(opened.layout, str(path))
         if on_config:
             on_config(config)
         return Checkpoint(config, opened.read(), f"file:{path.resolve()}")
@@ -81,6 +155,13 @@ def _from_hf_folder(folder: Path, source: str | None, device: torch.device, on_c
     if not files:
         raise LayerprobeError(f"{folder}: no weights (model*.safetensors or pytorch_model*.bin) beside config.json")
     opened = [_open(file, device) for file in files]
+    if hf.get("model_type") == "rwkv7" or any(".attn.r_proj." in k for o in opened for k in o.layout):
+        layout = fla7_to_blinkdl({k: v for o in opened for k, v in o.layout.items()})
+        config = infer_config7(layout, str(folder), layer_norm_eps=float(hf.get("norm_eps", 1e-5)))
+        if on_config:
+            on_config(config)
+        state = fla7_to_blinkdl({k: v for o in opened for k, v in o.read().items()})
+        return Checkpoint(config, state, source or f"folder:{folder.resolve()}")
     layout = _hf_names({k: v for o in opened for k, v in o.layout.items()})
     divisor = int(hf.get("head_size_divisor", 8))
     config = infer_config(layout, str(folder), head_size_divisor=divisor, layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
@@ -108,8 +189,8 @@ def _from_trained_folder(folder: Path, device: torch.device, on_config) -> Check
     if not weights.is_file():
         raise LayerprobeError(f"{folder}: {TRAINED_CONFIG} but no model.safetensors beside it; the fine-tuned folder is incomplete")
     opened = _open(weights, device)
-    config = infer_config(opened.layout, str(weights), head_size_divisor=int(settings.get("head_size_divisor", 8)),
-                          layer_norm_eps=float(settings.get("layer_norm_eps", 1e-5)))
+    config = infer_any_config(opened.layout, str(weights), head_size_divisor=int(settings.get("head_size_divisor", 8)),
+                              layer_norm_eps=float(settings.get("layer_norm_eps", 1e-5)))
     if on_config:
         on_config(config)
     return Checkpoint(config, opened.read(), f"folder:{folder.resolve()}")
@@ -260,6 +341,31 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def infer_any_config(state: dict[str, torch.Tensor], where: str, head_size_divisor: int = 8,
+                     layer_norm_eps: float = 1e-5) -> RWKV6Config | RWKV7Config:
+    """x070 (RWKV-7) when block 0 has ``att.r_k``, else x060 (RWKV-6)."""
+    if "blocks.0.att.r_k" in state:
+        return infer_config7(state, where, layer_norm_eps)
+    return infer_config(state, where, head_size_divisor, layer_norm_eps)
+
+
+def infer_config7(state: dict[str, torch.Tensor], where: str, layer_norm_eps: float = 1e-5) -> RWKV7Config:
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            raise LayerprobeError(f"{where}: missing '{key}'; is this an RWKV-7 (x070) checkpoint?")
+        return state[key]
+
+    vocab, hidden = need("emb.weight").shape
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+    heads, head_size = need("blocks.0.att.r_k").shape
+    return RWKV7Config(
+        vocab_size=vocab, hidden_size=hidden, num_layers=max(blocks) + 1, ffn_size=need("blocks.0.ffn.key.weight").shape[0],
+        head_size=head_size, decay_rank=need("blocks.0.att.w1").shape[1], a_rank=need("blocks.0.att.a1").shape[1],
+        v_rank=need("blocks.1.att.v1").shape[1] if "blocks.1.att.v1" in state else need("blocks.0.att.v1").shape[1],
+        gate_rank=need("blocks.0.att.g1").shape[1], deep_embed="blocks.0.ffn.s_emb.weight" in state,
+        layer_norm_eps=layer_norm_eps)
+
+
 def infer_config(state: dict[str, torch.Tensor], where: str, head_size_divisor: int = 8, layer_norm_eps: float = 1e-5) -> RWKV6Config:
     """Shapes → config; a missing key that an RWKV-6 checkpoint must have is a one-line error."""
     def need(key: str) -> torch.Tensor:
@@ -283,7 +389,8 @@ def infer_config(state: dict[str, torch.Tensor], where: str, head_size_divisor: 
 
 
 # Matrices that run through matmuls (and the embedding); every other tensor is a vector or norm.
-LOW_RANK = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2")
+LOW_RANK = ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2",
+            ".w1", ".w2", ".a1", ".a2", ".v1", ".v2", ".g1", ".g2", ".s1", ".s2")  # (x060, then x070)
 
 
 def parameter_dtype(key: str, tensor: torch.Tensor, device: torch.device) -> torch.dtype:
@@ -295,22 +402,29 @@ def parameter_dtype(key: str, tensor: torch.Tensor, device: torch.device) -> tor
     return torch.bfloat16 if matrix else torch.float32
 
 
-def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> RWKV6:
+def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> RWKV6 | RWKV7:
     """An RWKV6 holding the checkpoint's weights on ``device``; a mismatch names the keys.
 
     The model is built on the meta device (no allocation, no random init) and each tensor goes
     once from the (memory-mapped) file to its device, cast there: no float32 copy on the host.
     """
     device = torch.device(device)
-    model = RWKV6(checkpoint.config, device="meta")  # (not `with torch.device(...)`: that imports torch._dynamo, seconds)
+    version = getattr(checkpoint.config, "version", 6)
+    # (not `with torch.device(...)`: that imports torch._dynamo, seconds)
+    model = (RWKV7 if version == 7 else RWKV6)(checkpoint.config, device="meta")
     expected = dict(model.state_dict())
     state = {}
     for key, tensor in checkpoint.state.items():
         if key.endswith("att.time_faaaa"):  # some exports store it as [H, N, 1] or flat
             tensor = tensor.reshape(checkpoint.config.num_heads, checkpoint.config.head_size)
+        if version == 7 and re.match(r"blocks\.0\.att\.v[012]$", key):
+            continue  # x070 reads block 0's v as v_first; its value-residual weights are never used
+        if version == 7 and key in expected and tensor.shape != expected[key].shape \
+                and tensor.numel() == expected[key].numel() and sum(d > 1 for d in expected[key].shape) <= 1:
+            tensor = tensor.reshape(expected[key].shape)  # vectors stored flat ([C]) or as [1, 1, C]
         if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
             raise LayerprobeError(f"{checkpoint.source}: size mismatch for {key}: the checkpoint has "
-                                  f"{tuple(tensor.shape)}, an RWKV-6 of this config needs {tuple(expected[key].shape)}")
+                                  f"{tuple(tensor.shape)}, an RWKV-{version} of this config needs {tuple(expected[key].shape)}")
         value = tensor.to(device).to(parameter_dtype(key, tensor, device))
         if value.untyped_storage().nbytes() > 2 * value.nbytes and value.numel() < 2**20:
             value = value.clone()  # a small view must not keep a streamed file's whole buffer alive
@@ -320,6 +434,7 @@ def build_model(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> R
     if missing:
         raise LayerprobeError(f"{checkpoint.source}: missing {len(missing)} weight(s), e.g. {', '.join(missing[:3])}")
     if unexpected:
-        raise LayerprobeError(f"{checkpoint.source}: {len(unexpected)} unknown weight(s), e.g. {', '.join(unexpected[:3])}; not RWKV-6 (x060)?")
+        raise LayerprobeError(f"{checkpoint.source}: {len(unexpected)} unknown weight(s), e.g. {', '.join(unexpected[:3])}; "
+                              f"not RWKV-{version} ({'x070' if version == 7 else 'x060'})?")
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""The ``rwkv`` encoder: RWKV-6 hidden states at any layer, packed batches, GPU when available."""
+"""The ``rwkv`` encoder: RWKV-6 and RWKV-7 hidden states at any layer, packed batches, GPU when available."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class RWKVEncoder:
         self.options = options
         if options.device not in ("auto", "cpu") and not options.device.startswith("cuda"):
             raise LayerprobeError(f"encoder.device={options.device}: use auto, cpu, cuda or cuda:N")
+        if options.version not in (None, 6, 7):
+            raise LayerprobeError(f"encoder.version={options.version}: use 6 (RWKV-6, x060), 7 (RWKV-7, x070) or null (from the checkpoint)")
         if options.device.startswith("cuda") and not torch.cuda.is_available():
             raise LayerprobeError(f"encoder.device={options.device} but torch sees no CUDA device; use encoder.device=cpu")
         self._model = None
@@ -52,16 +54,25 @@ class RWKVEncoder:
                               "PyTorch's CUDA builds include Triton")
                 fused = False
 
-            def precompile(config):  # the kernels compile while the weights stream in
+            def precompile(config):  # the kernels compile while the weights stream in (RWKV-6's)
+                if getattr(config, "version", 6) != 6:
+                    return
                 from plugins.rwkv.fused import precompile_in_background
 
                 compiling.append(precompile_in_background(config, device))
 
             checkpoint = load_checkpoint(self.options.model, self.options.revision, device, precompile if fused else None)
+            version = getattr(checkpoint.config, "version", 6)
+            if self.options.version is not None and self.options.version != version:
+                raise LayerprobeError(f"encoder.version={self.options.version} but {self.options.model} is an RWKV-{version} "
+                                      f"checkpoint; set encoder.version={version} (or null) or point encoder.model at an "
+                                      f"RWKV-{self.options.version} checkpoint")
             self._checkpoint_source = checkpoint.source
             self._fingerprint = _fingerprint(checkpoint)
             model = build_model(checkpoint, device)
-            model.fused = fused
+            model.fused = fused and version == 6  # the fused Triton kernels are RWKV-6's
+            if device.type == "cuda" and version == 7:
+                _use_gpu_wkv7(model)
             for thread in compiling:
                 thread.join()
                 if thread.error is not None:  # only a head start was lost: kernels compile at first use
@@ -80,7 +91,7 @@ class RWKVEncoder:
     def resolve_layer(self, layer: int | None) -> Layer:
         """``layer=k`` is Hugging Face's ``hidden_states[k]``: block k's output; the last is after ln_out."""
         blocks = self.model.num_hidden_states - 1
-        index = hidden_state_index(layer, blocks + 1, f"{blocks}-block RWKV-6",
+        index = hidden_state_index(layer, blocks + 1, f"{blocks}-block RWKV-{self.version}",
                                    f"0..{blocks - 1} = block outputs, {blocks} = after ln_out")
         return Layer(requested=layer, index=index, block=min(index, blocks - 1))
 
@@ -127,9 +138,14 @@ class RWKVEncoder:
                 progress.update(int(lengths[pack].sum()))
         progress.close()
 
+    @property
+    def version(self) -> int:
+        return getattr(self.model.config, "version", 6)
+
     def can_resume_from(self, layer: Layer) -> bool:
-        """Block outputs are the residual stream, so later blocks can continue from them."""
-        return layer.index < self.model.config.num_layers
+        """RWKV-6 block outputs are the residual stream, so later blocks can continue from them;
+        RWKV-7's later blocks also read block 0's values (v_first), which the cache does not keep."""
+        return self.version == 6 and layer.index < self.model.config.num_layers
 
     def resume(self, batch: TokenStates, sentences: Sequence[str], start: Layer, layer: Layer) -> TokenStates:
         """States at ``layer`` from cached states at the shallower block output ``start``."""
@@ -211,6 +227,19 @@ class RWKVEncoder:
 
             self._graphs = PackGraphs(self.model, device, self._budget(device))
         return self._graphs
+
+
+def _use_gpu_wkv7(model) -> None:
+    """RWKV-7 on CUDA: flash-linear-attention's chunked generalised-delta-rule kernel for the WKV
+    when it is installed (``layerprobe[rwkv-train]``), else the PyTorch step-by-step form."""
+    from plugins.rwkv.wkv import fla_available, fla_wkv7
+
+    if fla_available():
+        for block in model.blocks:
+            block.att.wkv = fla_wkv7
+    else:
+        warnings.warn("flash-linear-attention is not installed, so RWKV-7 runs its step-by-step PyTorch WKV on CUDA "
+                      "(slow): pip install 'layerprobe[rwkv-train]'")
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass
 class RWKVOptions:
-    model: str = "RWKV/v6-Finch-1B6-HF"  # hub id, HF folder, or BlinkDL .pth
+    model: str = "RWKV/v6-Finch-1B6-HF"  # hub id, HF folder, or BlinkDL .pth / .safetensors
+    version: int | None = None  # 6 (x060) | 7 (x070); null: whichever the checkpoint is (a mismatch is an error)
     revision: str | None = None  # hub revision (branch, tag or commit)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     batch_tokens: int | None = None  # tokens per packed forward; null = 8192 on CUDA (activations within 1 GiB for the 1B6 shape), 4096 on CPU

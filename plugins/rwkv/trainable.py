@@ -1,10 +1,10 @@
-"""RWKV-6 as a sentence-transformers input module, so ``finetune=contrastive`` trains it.
+"""RWKV-6 and RWKV-7 as a sentence-transformers input module, so ``finetune=contrastive`` trains them.
 
-The module holds ``plugins.rwkv.model.RWKV6`` (the eager model whose forward matches BlinkDL's
-runtime) in float32 and runs it with gradients: the pack of a batch's real tokens (no padding,
+The module holds ``plugins.rwkv.model.RWKV6`` or ``plugins.rwkv.model7.RWKV7`` (the eager models
+whose forwards match BlinkDL's runtime) in float32 and runs it with gradients: the pack of a batch's real tokens (no padding,
 ``cu_seqlens``), every block, ``ln_out``; sentence-transformers' pooling and losses do the rest.
 Its WKV is differentiable everywhere: on CPU the chunked PyTorch form (``plugins.rwkv.wkv``); on
-CUDA flash-linear-attention's ``chunk_rwkv6`` (forward and backward kernels) when it is installed
+CUDA flash-linear-attention's ``chunk_rwkv6`` / ``chunk_rwkv7`` (forward and backward kernels) when it is installed
 (``pip install 'layerprobe[rwkv-train]'``), else the same chunked form. Matmuls run in bf16
 under the trainer's autocast on CUDA; the weights and their optimizer state stay float32.
 
@@ -27,8 +27,6 @@ try:
 except ImportError:  # sentence-transformers before 6
     from sentence_transformers.models import InputModule
 
-from plugins.rwkv.model import RWKV6
-
 CONFIG_FILE = "rwkv_config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -40,12 +38,13 @@ class RWKVTransformer(InputModule):
     config_keys = ["max_seq_length", "head_size_divisor", "layer_norm_eps"]
     save_in_root = True
 
-    def __init__(self, model: RWKV6, max_seq_length: int | None = None):
+    def __init__(self, model, max_seq_length: int | None = None):
+        """``model``: ``plugins.rwkv.model.RWKV6`` or ``plugins.rwkv.model7.RWKV7``."""
         super().__init__()
         self.rwkv = model.float().train().requires_grad_(True)
         self.rwkv.fused = False  # the fused Triton kernels are forward-only
         self.max_seq_length = max_seq_length
-        self.head_size_divisor = model.config.head_size_divisor
+        self.head_size_divisor = getattr(model.config, "head_size_divisor", 8)  # (RWKV-6's; RWKV-7 has none)
         self.layer_norm_eps = model.config.layer_norm_eps
         self._tokenizer = None
         self._kernel_device = None
@@ -99,9 +98,12 @@ class RWKVTransformer(InputModule):
             return
         self._kernel_device = device
         from plugins.rwkv.model import wkv_from_log_decay
-        from plugins.rwkv.wkv import fla_available, fla_wkv6
+        from plugins.rwkv.model7 import wkv7
+        from plugins.rwkv.wkv import fla_available, fla_wkv6, fla_wkv7
 
-        wkv = fla_wkv6 if device.type == "cuda" and fla_available() else wkv_from_log_decay
+        seven = getattr(self.rwkv.config, "version", 6) == 7
+        kernel = device.type == "cuda" and fla_available()
+        wkv = (fla_wkv7 if kernel else wkv7) if seven else (fla_wkv6 if kernel else wkv_from_log_decay)
         for block in self.rwkv.blocks:
             block.att.wkv = wkv
 

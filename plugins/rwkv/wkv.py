@@ -127,3 +127,15 @@ def fla_wkv6(r, k, v, log_decay, u, cu_seqlens) -> torch.Tensor:
     out, _ = chunk_rwkv6(r[None], k.to(dtype)[None], v.to(dtype)[None], log_decay.float()[None], u.to(dtype), scale=1.0,
                          cu_seqlens=cu_seqlens)
     return out[0].float()
+
+
+def fla_wkv7(r, log_w, k, v, a, b, cu_seqlens) -> torch.Tensor:
+    """flash-linear-attention's chunked RWKV-7 kernel (the generalised delta rule, forward and
+    backward) on packed tokens: ``S ← S diag(w) + (S a) bᵀ + v kᵀ``, out = ``S r``, no scale."""
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    dtype = r.dtype  # the options fla's own RWKV-7 layer passes: log decays bounded below by -e^-0.5
+    out, _ = chunk_rwkv7(r[None], log_w.float()[None], k.to(dtype)[None], v.to(dtype)[None], a.to(dtype)[None],
+                         b.to(dtype)[None], scale=1.0, cu_seqlens=cu_seqlens, safe_gate=True,
+                         lower_bound=-0.6065306597126334, chunk_size=64)
+    return out[0].float()
