@@ -1,8 +1,10 @@
-"""RWKV-6 on a laptop-class CPU: layerprobe against BlinkDL's official runtime, same random weights.
+"""RWKV-6 / RWKV-7 on a laptop-class CPU: layerprobe against BlinkDL's official runtime, same random weights.
 
     python benchmarks/rwkv_cpu.py [--layers 12 --hidden 768] [--sentences N]
+    python benchmarks/rwkv_cpu.py --version 7 [--sentences N]     # RWKV-7 (x070), the official runtime's RWKV_V7_ON=1
 
-Weights: random, of the RWKV-6 0.1B shape (12 blocks, hidden 768, FFN 2688, world vocabulary).
+Weights: random, of the 0.1B shape (12 blocks, hidden 768, world vocabulary; FFN 2688 for RWKV-6,
+3072 for RWKV-7).
 Sentences: the distinct sentences of MRPC validation (../shared/data/glue/MRPC/dev.tsv), tokenised
 with the world tokenizer. layerprobe encodes all of them to the last layer (packed batches, float32);
 the official runtime (``cpu fp32``, JIT off) runs one sentence per call, as a user of it would. Both
@@ -42,9 +44,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--sentences", type=int, default=None, help="first N distinct sentences (default: all)")
     parser.add_argument("--skip-official", action="store_true")
+    parser.add_argument("--version", type=int, choices=(6, 7), default=6)
     parser.add_argument("--reference-wkv", action="store_true",
                         help="also time layerprobe with the step-by-step WKV (the CPU path before the chunked one)")
     args = parser.parse_args()
+    if args.version == 7:
+        os.environ["RWKV_V7_ON"] = "1"  # read when the official runtime is imported
 
     from plugins.rwkv import wkv
     from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
@@ -57,7 +62,12 @@ def main() -> None:
     print(f"{len(sentences)} sentences, {tokens:,} tokens; torch threads {torch.get_num_threads()}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "rwkv.pth"
-        torch.save(random_state(args.layers, args.hidden, args.hidden * 7 // 2, 65536), path)
+        if args.version == 7:
+            from plugins.rwkv.random_checkpoint import random_state7
+
+            torch.save(random_state7(args.layers, args.hidden, None, 65536), path)
+        else:
+            torch.save(random_state(args.layers, args.hidden, args.hidden * 7 // 2, 65536), path)
 
         encoder = RWKVEncoder(RWKVOptions(model=str(path), device="cpu", progress=False))
         layer = encoder.resolve_layer(None)
@@ -84,8 +94,8 @@ def main() -> None:
             wkv_seconds[0] += time.perf_counter() - started
             return result
 
-        ours = run(original, "layerprobe (chunked WKV)      ")
-        if args.reference_wkv:
+        ours = run(original, "layerprobe (chunked WKV)      " if args.version == 6 else "layerprobe (packed, step WKV) ")
+        if args.reference_wkv and args.version == 6:
             run(wkv.wkv6_reference, "layerprobe (step-by-step WKV) ")
         if args.skip_official:
             return

@@ -112,3 +112,33 @@ def test_what_an_rwkv_model_cannot_train_is_one_line_before_any_run(run_cli, tmp
     assert any(message in line for line in result.error_lines), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not [r for r in result.runs() if "layerprobe.layer" in r.data.tags or r.info.status == "FAILED"]
+
+
+def test_rwkv7_trains_through_the_same_module_and_reads_back(run_cli, tmp_path):
+    """RWKV-7 (x070) through the same trainable module: its step-by-step WKV has autograd's gradients."""
+    from plugins.rwkv.random_checkpoint import random_state7
+
+    seven = tmp_path / "seven.pth"
+    torch.save(random_state7(2, 64, None, 65536, seed=4), seven)
+    folder = write_stsb(tmp_path / "STS-B")
+    result = run_cli("encoder=rwkv7", f"encoder.model={seven}", "pooler=mean", "dataset=stsb", f"dataset.data_dir={folder}",
+                     "metric=spearman", "metric.bootstrap_resamples=50", "finetune=contrastive", "finetune.batch_size=4",
+                     "finetune.lr=1e-3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (tuned,) = [p for p in (result.store / "finetuned").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from plugins.rwkv.encoder import RWKVEncoder, RWKVOptions
+
+    base, trained = torch.load(seven, weights_only=True), load_file(tuned / "model.safetensors")
+    assert set(trained) == set(base) - {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}  # x070 never reads those
+    assert not torch.equal(base["blocks.1.att.w1"], trained["blocks.1.att.w1"])
+    sentences = ["A man is playing a guitar.", "Two dogs run across the field."]
+    library = SentenceTransformer(str(tuned), device="cpu", trust_remote_code=True).encode(sentences, convert_to_tensor=True)
+    encoder = RWKVEncoder(RWKVOptions(model=str(tuned), version=7, device="cpu"))
+    for batch in encoder.encode(sentences, encoder.resolve_layer(-1)):
+        mask = batch.mask.float()[..., None]
+        means = (batch.states * mask).sum(1) / mask.sum(1)
+        for index, mean in zip(batch.sentence_index.tolist(), means):
+            assert torch.allclose(mean, library[index], atol=1e-5), index
