@@ -139,3 +139,24 @@ def test_rwkv6_beside_rwkv7_in_one_sweep_and_one_figure(run_cli, tmp_path):
     assert sorted({(row["encoder.version"], row["layer"]) for row in rows}) == [("6", "0"), ("6", "2"), ("7", "0"), ("7", "2")]
     assert len(rows) == 8 and all(row["status"] == "FINISHED" for row in rows)
     assert (artifacts / "metrics_by_layer.png").stat().st_size > 10_000
+
+
+def test_a_key_every_swept_option_has_overrides_them_all(run_cli, tmp_path):
+    """``-m encoder=rwkv,rwkv7 encoder.model=…``: Hydra first composes the group's default option
+    (glove, which has no ``model``); the override must still reach both options."""
+    pytest.importorskip("pyrwkv_tokenizer", reason="the RWKV world tokenizer is not installed")
+    from test_graded_and_postprocess import write_stsb
+
+    from framework.__main__ import widen_option_overrides
+    from framework.plugins import registry
+
+    assert widen_option_overrides(["-m", "encoder=rwkv,rwkv7", "encoder.model=x"], registry()) == [
+        "-m", "encoder=rwkv,rwkv7", "++encoder.model=x"]
+    torch.save(random_state7(2, 64, None, 65536, seed=1), tmp_path / "seven.pth")
+    folder = write_stsb(tmp_path / "STS-B")
+    result = run_cli("-m", "encoder=rwkv,rwkv7", f"encoder.model={tmp_path / 'seven.pth'}", "encoder.device=cpu", "dataset=stsb",
+                     f"dataset.data_dir={folder}", "metric=spearman", "metric.bootstrap_resamples=50")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [r for r in result.runs() if "layerprobe.layer" in r.data.tags]
+    assert sorted(r.data.params["encoder.version"] for r in runs) == ["7", "null"]
+    assert all(r.data.params["encoder.model"] == str(tmp_path / "seven.pth") for r in runs)

@@ -59,10 +59,16 @@ def _shift(xx: torch.Tensor, is_start: torch.Tensor) -> torch.Tensor:
     return shifted.masked_fill(is_start[:, None], 0)
 
 
+STATE_GROUP_BYTES = 2**21  # sentences whose states together fit in ~2 MiB (a core's cache) advance together
+
+
 def wkv7(r, log_w, k, v, a, b, cu_seqlens) -> torch.Tensor:
     """The generalised delta rule on packed tokens ``[T, H, N]`` (float32), a token at a time over
-    all sentences of the pack at once: ``S ← S diag(w) + (S a) bᵀ + v kᵀ``, out = ``S r``; ``a`` = −kk,
-    ``b`` = kk ⊙ a. Padding beyond a sentence's end has w = 1 and a = b = k = v = 0: it changes nothing."""
+    groups of sentences: ``S ← S diag(w) + (S a) bᵀ + v kᵀ``, out = ``S r``; ``a`` = −kk, ``b`` = kk ⊙ a.
+
+    A group's states stay in the CPU's cache while it steps (a whole pack's would stream through
+    memory at every token); without gradients each step updates the state in place. Padding
+    beyond a sentence's end has w = 1 and a = b = k = v = 0: it changes nothing."""
     T, H, N = r.shape
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     B, width = len(lengths), int(lengths.max())
@@ -76,13 +82,31 @@ def wkv7(r, log_w, k, v, a, b, cu_seqlens) -> torch.Tensor:
 
     R, K, V, A, Bv = (padded(t) for t in (r, k, v, a, b))
     W = padded(log_w).exp()  # padding's zero log decay: w = 1
-    state = r.new_zeros(B, H, N, N, dtype=torch.float32)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, log_w, k, v, a, b))
+    group = B if r.is_cuda or grad else max(1, STATE_GROUP_BYTES // (H * N * N * 4))
+    host_lengths = lengths.tolist()
     outs = []
-    for t in range(width):
-        state = (state * W[t][:, :, None, :] + (state @ A[t][..., None]) @ Bv[t][:, :, None, :]
-                 + V[t][..., None] @ K[t][:, :, None, :])
-        outs.append((state @ R[t][..., None]).squeeze(-1))
-    return torch.stack(outs)[position, sentence]
+    for first in range(0, B, group):
+        rows = slice(first, min(first + group, B))
+        longest = max(host_lengths[rows])
+        G = rows.stop - rows.start
+        state = r.new_zeros(G, H, N, N, dtype=torch.float32)
+        steps = []
+        for t in range(longest):
+            w_t, a_t, b_t, v_t, k_t = W[t, rows], A[t, rows], Bv[t, rows], V[t, rows], K[t, rows]
+            if grad:
+                state = state * w_t[:, :, None, :] + (state @ a_t[..., None]) @ b_t[:, :, None, :] + v_t[..., None] @ k_t[:, :, None, :]
+            else:
+                removed = state @ a_t[..., None]  # from the state before this token's decay
+                flat = state.mul_(w_t[:, :, None, :]).view(G * H, N, N)
+                flat.baddbmm_(removed.view(G * H, N, 1), b_t.reshape(G * H, 1, N))
+                flat.baddbmm_(v_t.reshape(G * H, N, 1), k_t.reshape(G * H, 1, N))
+            steps.append((state @ R[t, rows][..., None]).squeeze(-1))
+        part = torch.stack(steps)
+        if longest < width:
+            part = torch.cat([part, part.new_zeros(width - longest, *part.shape[1:])])
+        outs.append(part)
+    return torch.cat(outs, dim=1)[position, sentence]
 
 
 class TimeMix7(nn.Module):
