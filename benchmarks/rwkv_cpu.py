@@ -72,18 +72,25 @@ def main() -> None:
         encoder = RWKVEncoder(RWKVOptions(model=str(path), device="cpu", progress=False))
         layer = encoder.resolve_layer(None)
         wkv_seconds = [0.0]
-        original = wkv.wkv6_chunked
+        original = wkv.wkv6_chunked if args.version == 6 else encoder.model.blocks[0].att.wkv
 
         list(encoder.encode_tokens(ids[:8], layer))  # load, warm up
 
+        def install(function):
+            if args.version == 6:
+                wkv.wkv6_chunked = function
+            else:
+                for block in encoder.model.blocks:
+                    block.att.wkv = function
+
         def run(kernel, name):
             wkv_seconds[0] = 0.0
-            wkv.wkv6_chunked = lambda *a, **k: timed(kernel, *a, **k)
+            install(lambda *a, **k: timed(kernel, *a, **k))
             started = time.perf_counter()
             for _batch in encoder.encode_tokens(ids, layer):
                 pass
             seconds = time.perf_counter() - started
-            wkv.wkv6_chunked = original
+            install(original)
             print(f"{name}: {seconds:7.2f} s  ({tokens / seconds:,.0f} tokens/s), WKV {wkv_seconds[0]:.2f} s = "
                   f"{100 * wkv_seconds[0] / seconds:.0f}% of the encode", flush=True)
             return seconds

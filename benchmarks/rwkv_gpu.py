@@ -12,6 +12,11 @@ random weights of the exact RWKV-6 World 1B6 shape.
     python benchmarks/rwkv_gpu.py tune     /tmp/rwkv1b6.safetensors   # launch choices of the fused kernels → launch.json
     python benchmarks/rwkv_gpu.py official /tmp/rwkv1b6.safetensors   # BlinkDL's runtime, one sentence per call
     python benchmarks/rwkv_gpu.py report                      # the table, from the JSON lines written
+    python benchmarks/rwkv_gpu.py all --version 7 /tmp/rwkv7g1.safetensors   # RWKV-7 (G1 1.5B shape) against fla's RWKV7Model
+
+With ``--version 7`` the weights are RWKV-7's (x070, 24 blocks, hidden 2048, ffn 8192, low ranks
+96/96/64/256), fla's peer is ``RWKV7Model`` loaded with those same weights (``blinkdl7_to_fla``),
+and parity also compares our bf16 vectors with fla's at the last layer.
 
 Each step appends one JSON line per figure to --results (default benchmarks/rwkv_gpu.jsonl); the
 report reads the latest figure of each kind and prints every speed as a ratio to fla packed and to
@@ -41,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 SHAPE = dict(layers=24, hidden=2048, ffn=7168, vocab=65536)
+VERSION = 6  # --version: 7 benchmarks RWKV-7 (its shape: ffn 4 × hidden)
 WORKLOADS = {"A": 816, "B": 20000}
 FLA_PACK = 65536  # tokens per fla packed forward (its kernels' varlen mode)
 
@@ -77,7 +83,12 @@ def step_weights(args) -> None:
 
     from safetensors.torch import save_file
 
-    state = random_state(**SHAPE)  # on the CPU: the same numbers as earlier sessions' (and the issue's) weights
+    if VERSION == 7:
+        from plugins.rwkv.random_checkpoint import random_state7
+
+        state = random_state7(SHAPE["layers"], SHAPE["hidden"], None, SHAPE["vocab"], device="cuda")
+    else:
+        state = random_state(**SHAPE)  # on the CPU: the same numbers as earlier sessions' (and the issue's) weights
     state = {k: v.to(torch.bfloat16).cpu().contiguous() for k, v in state.items()}
     torch.save(state, args.path.with_suffix(".pth"))
     save_file(state, str(args.path.with_suffix(".safetensors")))  # what `python -m plugins.rwkv.convert` writes
@@ -118,6 +129,17 @@ def step_parity(args) -> None:
         cosine = torch.nn.functional.cosine_similarity(reference.double(), fast.double(), dim=1)
         record(args, step="parity", fused=not args.eager, layer=layer_value, sentences=len(ids),
                min_cosine=float(cosine.min()), mean_cosine=float(cosine.mean()))
+    if VERSION == 7:  # fla's RWKV7Model on the same weights, last layer (after its final norm), mean-pooled
+        model = fla_model7(SHAPE["layers"], args.path)
+        with torch.inference_mode():
+            vectors = torch.stack([model(input_ids=torch.tensor([s], device="cuda"), use_cache=False).last_hidden_state[0].float()
+                                   .mean(0).cpu() for s in ids])
+        reference = pooled(cpu, ids, cpu.resolve_layer(-1))
+        ours_gpu = pooled(gpu, ids, gpu.resolve_layer(-1))
+        for name, other in (("fla bf16 vs ours fp32 (CPU)", reference), ("fla bf16 vs ours bf16", ours_gpu)):
+            cosine = torch.nn.functional.cosine_similarity(vectors.double(), other.double(), dim=1)
+            record(args, step="parity", compared=name, layer=-1, sentences=len(ids), min_cosine=float(cosine.min()),
+                   mean_cosine=float(cosine.mean()))
 
 
 def flops_per_token(model, blocks: int) -> float:
@@ -225,7 +247,29 @@ def step_cold(args) -> None:
                        **json.loads(line.split(" ", 1)[1]))
 
 
-def fla_model(blocks: int):
+def fla_model7(blocks: int, path: Path):
+    """fla's RWKV7Model on our RWKV-7 weights (the same numbers ours runs), bf16, cut to ``blocks``."""
+    from fla.models import RWKV7Config, RWKV7Model
+
+    from plugins.rwkv.checkpoint import blinkdl7_to_fla, load_checkpoint
+
+    checkpoint = load_checkpoint(str(path), device="cuda")
+    c = checkpoint.config
+    state = {k.removeprefix("model."): v.to(torch.bfloat16) for k, v in blinkdl7_to_fla(checkpoint.state).items()
+             if k != "lm_head.weight" and not any(k.startswith(f"model.layers.{i}.") for i in range(blocks, c.num_layers))}
+    config = RWKV7Config(hidden_size=c.hidden_size, head_dim=c.head_size, num_hidden_layers=blocks, intermediate_size=c.ffn_size,
+                         vocab_size=c.vocab_size, decay_low_rank_dim=c.decay_rank, a_low_rank_dim=c.a_rank,
+                         v_low_rank_dim=c.v_rank, gate_low_rank_dim=c.gate_rank, norm_eps=c.layer_norm_eps)
+    with torch.device("cuda"):
+        model = RWKV7Model(config)
+    model = model.to(torch.bfloat16)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def fla_model(blocks: int, path: Path | None = None):
+    if VERSION == 7:
+        return fla_model7(blocks, path)
     from fla.models import RWKV6Config, RWKV6Model
 
     config = RWKV6Config(hidden_size=SHAPE["hidden"], expand_k=1.0, expand_v=1.0, num_heads=SHAPE["hidden"] // 64,
@@ -257,7 +301,7 @@ def fla_packs(ids: list[list[int]], bucket: int = 8192) -> list[tuple[torch.Tens
 
 def step_fla(args) -> None:
     for blocks in (24, 12):
-        model = fla_model(blocks)
+        model = fla_model(blocks, args.path)
         weights = torch.cuda.memory_allocated()
         for name, n in WORKLOADS.items():
             ids = sentences(n)
@@ -462,8 +506,11 @@ def step_all(args) -> None:
     if not args.path.exists():
         step_weights(args)
     steps = [["matmul"], ["cold"], ["ours"], ["ours", "--no-cuda-graphs"], ["ours", "--batch-tokens", "16384"], ["parity"], ["fla"]]
+    if VERSION == 7:  # no CUDA graphs of ours for RWKV-7
+        steps = [["matmul"], ["cold"], ["ours"], ["ours", "--batch-tokens", "16384"], ["parity"], ["fla", "--skip-padded"]]
     for step in steps:
-        command = [sys.executable, __file__, step[0], str(args.path), "--results", str(args.results), "--run", args.run, *step[1:]]
+        command = [sys.executable, __file__, step[0], str(args.path), "--results", str(args.results), "--run", args.run, *step[1:],
+                   "--version", str(VERSION)]
         done = subprocess.run(command + (["--skip-padded"] if args.skip_padded else []))
         if done.returncode:
             print(f"step {' '.join(step)} failed (exit {done.returncode}); the report shows the others", flush=True)
@@ -526,7 +573,12 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="ours/cold/parity: plain PyTorch between matmuls (encoder.fused=false)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="ours: queue each pack's kernels from Python (encoder.cuda_graphs=false)")
     parser.add_argument("--write", action="store_true", help="tune: store the best choices in plugins/rwkv/launch.json")
+    parser.add_argument("--version", type=int, choices=(6, 7), default=6, help="7: RWKV-7 weights, fla's RWKV7Model as the peer")
     args = parser.parse_args()
+    global VERSION
+    VERSION = args.version
+    if VERSION == 7:
+        SHAPE["ffn"] = 4 * SHAPE["hidden"]
     globals()[f"step_{args.step.replace('-', '_')}"](args)
 
 
