@@ -166,3 +166,30 @@ def _tracked(cfg: DictConfig, components: dict[str, Any]):
     tracker = registry().build("tracker", cfg.tracking)
     tracker.start_job(job)
     return evaluate_tracked(tracker, job, lambda: run_evaluation(cfg, registry(), components))
+
+
+def mteb_model(encoder: Any = "minilm", layer: int | None = None, pooler: Any = "mean", postprocess: Any = "none",
+               finetune: Any = "none", *, dataset: Any = "stsb", data_root: str | None = None, seed: int = 0,
+               cache: bool = False, overrides: Iterable[str] = ()):
+    """One layer as an MTEB model (mteb 2.x ``EncoderProtocol`` with a ``ModelMeta``), for
+    ``mteb.evaluate(model, tasks)``. What learns (``finetune``, a learned ``pooler``, ``postprocess``)
+    is fit on the train split of ``dataset`` first, as in a job. Needs ``layerprobe[mteb]``."""
+    from framework.mteb_model import build_layer_model
+    from framework.plugins import registry
+
+    components: dict[str, Any] = {}
+    arguments: list[str] = []
+    _choice("encoder", encoder, arguments, components, "encoder")
+    _choice("pooler", pooler, arguments, components, "pooler")
+    _choice("postprocess", postprocess, arguments, components, "postprocessor")
+    _choice("finetune", finetune, arguments, components, "finetuner")
+    _choice("dataset", dataset, arguments, components, "dataset")
+    arguments += [f"layer={_override_value(layer)}", f"seed={seed}", f"cache.enabled={cache}"]
+    if data_root is not None:
+        arguments.append(f"data_root={data_root}")
+    cfg = compose_config([*arguments, *overrides])
+    if "postprocessor" in components or "finetuner" in components:
+        raise LayerprobeError("postprocess, finetune: give a registered name or an options dict")
+    label = encoder if isinstance(encoder, str) else encoder.get("name") if isinstance(encoder, dict) else cfg.encoder.get("name")
+    label = str(label or "encoder")  # the name as given (minilm), not the plugin it presets (hf)
+    return build_layer_model(cfg, registry(), components, label)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class PairSet:
     notes: Counter = field(default_factory=Counter)
     source: str = ""
     label_kind: str = "binary"
+    # Optional: the split's own library's evaluator (dataset=mteb: MTEB's), given the vectors the
+    # cosine compared (``SentenceVectors``); its scores are logged beside layerprobe's metrics.
+    evaluator: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.label_kind not in LABEL_KINDS:

@@ -39,6 +39,7 @@ BUILTIN_MODULES = (
     "plugins.metrics",
     "plugins.diagnostics",
     "plugins.finetune",
+    "plugins.mteb_tasks",
 )
 
 

@@ -138,56 +138,69 @@ def versus_untuned_table(tracker, results: list[JobResult], records: list[dict])
 MTEB_TASKS = {"stsb": "STSBenchmark"}  # our dataset name → MTEB's task name, where MTEB has the task
 
 
-def mteb_results(results: list[JobResult], out: Path) -> list[Path]:
-    """One MTEB-style JSON per finished run: ``<out>/<model>__L<layer>__<pooler>/<Task>.json``.
+def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
+    """MTEB's own results layout, written by mteb's own ``TaskResult`` and ``ResultCache``:
+    ``<out>/results/<model>/<revision>/experiments/<layer, pooler…>/<Task>.json`` + ``model_meta.json``,
+    which ``mteb.ResultCache(out).load_results()`` reads back. Returns (files written, runs left out).
 
-    As MTEB writes them: ``task_name``, ``scores`` per split (a list of subsets, each with
-    ``main_score``, ``hf_subset``, ``languages`` and the scores: cosine Spearman/Pearson, for binary
-    labels cosine AP/ROC-AUC too; ``main_score`` is cosine Spearman for graded labels as in MTEB's
-    STS tasks, average precision for binary ones as in its pair classification), ``evaluation_time``.
-    A ``layerprobe`` block says what produced it (model, layer, pooler, post-processing, run).
+    One model per encoder (``layerprobe/<encoder>__L<layer>__<pooler>[__<postprocess>]``, the
+    revision its config hash) and one task file per (run, task). Runs of ``dataset=mteb`` carry the
+    task's own scores (``mteb.*``); STS-B runs map to ``STSBenchmark`` (cosine Spearman/Pearson as
+    layerprobe logged them, ``main_score`` cosine Spearman as in MTEB's STS tasks). Each score entry
+    also carries its bootstrap CI (``confidence_intervals_95``) and where it came from
+    (``layerprobe``: run, config hash, the pairs' revision, resamples). Runs on data MTEB has no
+    task for (MRPC, QQP, your own pairs) are left out and counted.
     """
-    import json
     import re
 
-    written = []
+    try:
+        import mteb
+        from mteb.results import TaskResult
+    except ImportError:
+        raise LayerprobeError("--format mteb writes MTEB's results with the mteb package: pip install 'layerprobe[mteb]'") from None
+    from framework.mteb_model import model_meta
+
+    cache = mteb.ResultCache(out)
+    written, left_out = [], 0
     for result in results:
         if not result.finished:
             continue
         label, metrics = result.label, result.metrics
-        graded = "roc_auc" not in metrics and "average_precision" not in metrics
-        scores = {"cosine_spearman": metrics.get("spearman"), "cosine_pearson": metrics.get("pearson")}
-        if not graded:
-            scores.update(cosine_ap=metrics.get("average_precision"), cosine_roc_auc=metrics.get("roc_auc"),
-                          cosine_accuracy=metrics.get("accuracy"), cosine_f1=metrics.get("f1"))
-        ours = {"cosine_spearman": "spearman", "cosine_pearson": "pearson", "cosine_ap": "average_precision",
-                "cosine_roc_auc": "roc_auc", "cosine_accuracy": "accuracy", "cosine_f1": "f1"}
-        intervals = {key: [metrics[f"{ours[key]}_ci_low"], metrics[f"{ours[key]}_ci_high"]] for key in scores
-                     if f"{ours[key]}_ci_low" in metrics and scores[key] is not None}
+        dataset = str(label["dataset"])
+        task_name = dataset.split(":", 1)[1] if dataset.startswith("mteb:") else MTEB_TASKS.get(dataset)
+        if task_name is None:
+            left_out += 1
+            continue
+        task = mteb.get_task(task_name)
+        if dataset.startswith("mteb:"):
+            scores = {k.removeprefix("mteb."): v for k, v in metrics.items() if k.startswith("mteb.")}
+        else:
+            scores = {"cosine_spearman": metrics.get("spearman"), "cosine_pearson": metrics.get("pearson"),
+                      "spearman": metrics.get("spearman"), "pearson": metrics.get("pearson")}
+            scores["main_score"] = scores["cosine_spearman"]
         scores = {key: (None if value != value else value) for key, value in scores.items() if value is not None}  # NaN → null
-        main = scores.get("cosine_spearman") if graded else scores.get("cosine_ap", scores.get("cosine_spearman"))
-        entry = {"main_score": main, **scores, "hf_subset": "default", "languages": ["eng-Latn"],
-                 "confidence_intervals_95": intervals}  # percentile bootstrap over pairs, as the run logged them
-        task = MTEB_TASKS.get(label["dataset"], f"layerprobe-{label['dataset']}")
-        # The revision of exactly the pairs scored (a digest of ids, sentences and labels), whatever
-        # copy they came from; a hub revision the user pinned is in the layerprobe block's settings.
-        document = {"task_name": task, "dataset_revision": result.data_revision or None,
-                    "mteb_version": None, "scores": {label["split"]: [entry]},
-                    "evaluation_time": (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None,
-                    "kg_co2_emissions": None,
-                    "layerprobe": {"model": label["encoder"], "layer": label["layer"], "pooler": label["pooler"],
-                                   "postprocess": label.get("postprocess", "none"), "run": result.run_ref,
-                                   "n_pairs": metrics.get("n_pairs"), "config_hash": result.config_hash,
-                                   "bootstrap_resamples": _number_or_none(result.settings.get("metric.bootstrap_resamples")),
-                                   **({"dataset_hub_revision": result.settings["dataset.revision"]}
-                                      if result.settings.get("dataset.revision") not in (None, "", "null", "None") else {})}}
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{label['encoder']}__L{label['layer']}__{label['pooler']}"
-                      + (f"__{label['postprocess']}" if label.get("postprocess", "none") != "none" else ""))
-        path = out / name / f"{task}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2, allow_nan=False), encoding="utf-8")
-        written.append(path)
-    return written
+        if "main_score" not in scores:
+            left_out += 1
+            continue
+        ours = {"cosine_spearman": "spearman", "cosine_pearson": "pearson", "spearman": "spearman", "pearson": "pearson",
+                "main_score": "spearman" if task.metadata.type == "STS" else "average_precision", "cosine_ap": "average_precision"}
+        scores["confidence_intervals_95"] = {key: [metrics[f"{ours[key]}_ci_low"], metrics[f"{ours[key]}_ci_high"]] for key in scores
+                                             if key in ours and f"{ours[key]}_ci_low" in metrics}
+        scores["layerprobe"] = {"run": result.run_ref, "config_hash": result.config_hash, "pairs_revision": result.data_revision or None,
+                                "n_pairs": metrics.get("n_pairs"),
+                                "bootstrap_resamples": _number_or_none(result.settings.get("metric.bootstrap_resamples")),
+                                **({"dataset_hub_revision": result.settings["dataset.revision"]}
+                                   if result.settings.get("dataset.revision") not in (None, "", "null", "None") else {})}
+        seconds = (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None
+        task_result = TaskResult.from_task_results(task, {label["split"]: {"default": scores}}, evaluation_time=seconds)
+        postprocess = label.get("postprocess", "none")
+        parts = [label["encoder"], f"L{label['layer']}", label["pooler"]] + ([postprocess] if postprocess != "none" else [])
+        name = "layerprobe/" + "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(part)) for part in parts)
+        experiment = {"layer": label["layer"], "pooler": label["pooler"], **({"postprocess": postprocess} if postprocess != "none" else {})}
+        meta = model_meta(name, str(result.config_hash)[:12], None, experiment)
+        cache.save_to_cache(task_result, meta)
+        written.append(cache.get_task_result_path(model_name=meta, model_revision=meta.revision, task_name=task_name))
+    return written, left_out
 
 
 def _number_or_none(text: str | None) -> int | None:
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-dir", default="mlruns")
     parser.add_argument("--out", type=Path, default=Path("mlruns") / "report")
     parser.add_argument("--format", choices=["table", "mteb"], default="table",
-                        help="table: report.md/.csv/.png; mteb: one MTEB-style JSON per run under --out")
+                        help="table: report.md/.csv/.png; mteb: MTEB's results layout under --out (needs layerprobe[mteb])")
     args = parser.parse_args(argv)
     from framework.plugins import registry
 
@@ -217,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
             if not isinstance(tracker, ReportSource):
                 raise LayerprobeError("this tracker cannot read its runs back; use --tracker mlflow")
             newest, _ = newest_per_config(tracker.load_results(args.parent))
-            written = mteb_results(newest, args.out)
-            print(f"{len(written)} MTEB-style result file(s) under {args.out}")
+            written, left_out = mteb_results(newest, args.out)
+            print(f"{len(written)} MTEB result file(s) under {args.out} (mteb.ResultCache('{args.out}') loads them)"
+                  + (f"; {left_out} run(s) on data MTEB has no task for left out" if left_out else ""))
             return
         print(build_report(tracker, args.parent, args.metric, args.out, f"experiment '{args.experiment}'"), end="")
     except LayerprobeError as error:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from framework.cache import CachedEncoder, TokenStateCache, timed
 from framework.contracts import Evaluation, TuneReport, Tuned
-from framework.data import Layer, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
+from framework.data import Layer, MetricValue, PairScores, PairSet, PairTokenStates, SentenceVectors, TokenStates
 from framework.errors import LayerprobeError
 from framework.metricset import MetricSet
 from framework.phases import CLOCK
@@ -229,6 +229,9 @@ def run_plan(job: JobPlan) -> Evaluation:
     with CLOCK.measure("metrics"):
         vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
         metrics = metric_set.compute(scores, calibration, job.seed, vectors)
+        if pairs.evaluator is not None:  # the split's own library scores the same vectors (dataset=mteb)
+            compared = SentenceVectors(embedding.sentences, embedding.compared)
+            metrics.extend(MetricValue(name, value) for name, value in pairs.evaluator(compared).items())
         mistakes = confident_mistakes(scores, job.mistakes)
     undefined = [m.name for m in metrics if not np.isfinite(m.value)]
     if undefined:  # said in the run's notes and on stderr, never logged silently (and with no CI beside it)

@@ -53,7 +53,9 @@ def test_tracked_evaluation_is_a_run(tmp_path, tiny_vectors):
     assert run.info.run_name == "glove mean +center · pairs/validation"
 
 
-def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors):
+def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors, capsys):
+    """``--format mteb`` writes MTEB's own layout with MTEB's classes, and MTEB's ResultCache reads it."""
+    mteb = pytest.importorskip("mteb", reason="--format mteb needs pip install 'layerprobe[mteb]'")
     from framework.report import main
 
     from test_graded_and_postprocess import write_stsb
@@ -62,15 +64,21 @@ def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors):
     result = run_cli("dataset=stsb", f"dataset.data_dir={folder}", f"encoder.vectors={tiny_vectors}")
     assert result.returncode == 0, result.stderr
     main(["--tracking-dir", str(result.store), "--format", "mteb", "--out", str(tmp_path / "mteb")])
-    (path,) = (tmp_path / "mteb").glob("*/*.json")
+    assert "1 MTEB result file(s)" in capsys.readouterr().out
+    (path,) = (tmp_path / "mteb").rglob("STSBenchmark.json")
+    assert (path.parent / "model_meta.json").is_file() and "experiments" in path.parts
     document = json.loads(path.read_text())
     (run,) = result.runs()
-    assert document["task_name"] == "STSBenchmark" and path.name == "STSBenchmark.json"
+    assert document["task_name"] == "STSBenchmark"
     (entry,) = document["scores"]["validation"]
-    assert entry["main_score"] == entry["cosine_spearman"] == run.data.metrics["spearman"]
-    assert "cosine_ap" not in entry and document["layerprobe"]["run"] == run.info.run_id
+    assert entry["main_score"] == entry["cosine_spearman"] == pytest.approx(run.data.metrics["spearman"], abs=1e-6)
+    assert "cosine_ap" not in entry and entry["layerprobe"]["run"] == run.info.run_id
     assert entry["confidence_intervals_95"]["cosine_spearman"] == [run.data.metrics["spearman_ci_low"], run.data.metrics["spearman_ci_high"]]
-    assert document["layerprobe"]["bootstrap_resamples"] == 1000
+    assert entry["layerprobe"]["bootstrap_resamples"] == 1000
+    loaded = mteb.ResultCache(tmp_path / "mteb").load_results(load_experiments="match_name")  # (experiments: the ablation)
+    (model,) = [m for m in loaded.model_results if m.model_name.startswith("layerprobe/")]
+    assert model.model_name == "layerprobe/glove__L-__mean" and model.task_results[0].task_name == "STSBenchmark"
+    document = {"dataset_revision": entry["layerprobe"]["pairs_revision"]}
     # The revision names the pairs scored: recomputed from the files it read, changed by one label.
     import hashlib
 
@@ -83,7 +91,7 @@ def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors):
     for pair_id, a, b in zip(pairs.ids, pairs.sentences_a, pairs.sentences_b):
         digest.update(f"\x1f{pair_id}\x1e{a}\x1e{b}".encode())
     digest.update(pairs.labels.astype("float64").tobytes())
-    assert document["dataset_revision"] == run.data.params["data.revision"] == digest.hexdigest()
+    assert document["dataset_revision"] == run.data.params["data.revision"] == digest.hexdigest()  # the pairs scored
     (a, b, score), *rest = GRADED
     changed = write_stsb(tmp_path / "STS-B-changed", rows=[(a, b, "0.5" if score != "0.5" else "1.0"), *rest])
     assert GlueDataset(STSB, GlueOptions(data_dir=str(changed))).load("validation").revision != document["dataset_revision"]

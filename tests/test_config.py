@@ -47,6 +47,9 @@ def test_builtin_yaml_lists_exactly_its_schema_defaults(kind):
             assert yaml.pop("data_root") == "${data_root}"
             defaults.pop("data_root")
         defaults = {**HARNESS_OPTIONS.get(kind, {}), **defaults}  # the harness's options, in every YAML of the kind
+        if kind == "dataset" and path.stem == "mteb":  # MTEB's tasks mostly evaluate their test split
+            assert yaml["split"] == "test"
+            defaults["split"] = "test"
         if kind == "finetuner":  # where tuned models are kept: beside the MLflow store
             assert yaml.pop("dir") == "${oc.select:tracking.dir,layerprobe-outputs}/finetuned"
             defaults.pop("dir")
