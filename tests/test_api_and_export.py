@@ -79,6 +79,12 @@ def test_mteb_export_of_a_graded_run(run_cli, tmp_path, tiny_vectors, capsys):
     (model,) = [m for m in loaded.model_results if m.model_name.startswith("layerprobe/")]
     assert model.model_name == "layerprobe/glove__L-__mean" and model.task_results[0].task_name == "STSBenchmark"
     document = {"dataset_revision": entry["layerprobe"]["pairs_revision"]}
+    # The same config with another metric set is another result (another revision): no file overwritten.
+    again = run_cli("dataset=stsb", f"dataset.data_dir={folder}", f"encoder.vectors={tiny_vectors}", "metric=spearman")
+    assert again.returncode == 0, again.stderr
+    main(["--tracking-dir", str(result.store), "--format", "mteb", "--out", str(tmp_path / "mteb2")])
+    assert "2 MTEB result file(s)" in capsys.readouterr().out
+    assert len(list((tmp_path / "mteb2").rglob("STSBenchmark.json"))) == 2
     # The revision names the pairs scored: recomputed from the files it read, changed by one label.
     import hashlib
 
