@@ -117,6 +117,7 @@ class JobInfo:
     number: int | None = None
     sweep: SweepInfo | None = None
     output_dir: str | None = None  # Hydra's folder of this run or sweep: where unrecorded results are kept
+    gpu: int | None = None  # the GPU this job's worker holds (framework.gpus); None: no GPU
 
     def keep_unrecorded(self, result: JobResult) -> Path | None:
         """A computed result the tracker failed to record, kept whole (scores included) on local disk,

@@ -59,7 +59,11 @@ def run_job(cfg: DictConfig) -> None:
 
                 if isinstance(tracker, StaleRecovery):
                     tracker.recover_stale()
-        choose_device(number)
+        from framework.gpus import assign_gpu
+        from framework.run import from_settings
+
+        with from_settings("gpus"):
+            job.gpu = assign_gpu(cfg.get("gpus"), sweep.dir if sweep is not None else None, number)
         with CLOCK.measure("setup"):
             job_plan = plan_in_sweep(job, plugins)  # every option checked before a run exists: bad input leaves no FAILED run
         if sweep is not None and (narrowed or job.config is not cfg):  # a config that several jobs of the sweep
@@ -360,21 +364,6 @@ def result_of(job: JobInfo, evaluation) -> JobResult:
 def failed_result(job: JobInfo, status: str, error: str) -> JobResult:
     return JobResult(status, job.config_hash, _texts(job), labels_of(job.settings), {},
                      list(job.config.metric.get("names") or []), job.number, error=error[:4000], started=time.time())
-
-
-def choose_device(number: int | None) -> None:
-    """On a host with several GPUs, job n of a sweep uses GPU n mod count (encoders' device=auto).
-
-    A launcher that gives each job its own GPU (Ray's ``num_gpus``, SLURM's ``gpus_per_task``) leaves
-    one visible device per job, and this changes nothing.
-    """
-    import torch
-
-    if number is None or not torch.cuda.is_available():
-        return
-    count = torch.cuda.device_count()
-    if count > 1:
-        torch.cuda.set_device(number % count)
 
 
 def reset_peak_memory() -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 # Settings that say where and how results are stored, not what was computed: left out of a job's
 # identity, so the same evaluation logged to another store (or resumed) is the same config.
 NON_IDENTITY_PREFIXES = ("hydra.", "tracking.", "cache.", "summary.", "error_analysis.")
-NON_IDENTITY_KEYS = {"resume", "data_root", "only_where_defined", "finetune.dir"}  # data_root reaches the dataset's own options, which count
+NON_IDENTITY_KEYS = {"resume", "data_root", "only_where_defined", "finetune.dir", "gpus"}  # data_root reaches the dataset's own options, which count
 # The settings every results table shows as its own columns; others appear only where they differ.
 NAMED_SETTINGS = ("encoder.name", "pooler.name", "dataset.name", "dataset.split", "layer")
 

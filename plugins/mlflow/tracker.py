@@ -220,6 +220,8 @@ class MLflowTracker:
             tags.update({PARENT: parent, TAG_SWEEP_ID: job.sweep.id or self.client.get_run(parent).data.tags.get(TAG_SWEEP_ID, "")})
         if job.number is not None:
             tags[TAG_JOB] = str(job.number)
+        if getattr(job, "gpu", None) is not None:
+            tags["layerprobe.gpu"] = str(job.gpu)
         return self.client.create_run(self.experiment_id, run_name=job.name, tags=tags).info.run_id
 
     def end_job(self, job: JobInfo, result: JobResult, evaluation) -> None:
