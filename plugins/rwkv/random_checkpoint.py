@@ -21,17 +21,24 @@ from pathlib import Path
 import torch
 
 
-def random_state(layers: int, hidden: int, ffn: int, vocab: int, head_size: int = 64, seed: int = 0,
-                 mix_rank: int = 32, decay_rank: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """A BlinkDL-layout RWKV-6 state dict (the shapes the official runtime expects), made on ``device``."""
+def _samplers(seed: int, device: str):
+    """normal(*shape, std) and uniform(low, high, *shape) drawing from one seeded generator, in call order."""
     g = torch.Generator(device).manual_seed(seed)
-    C, H = hidden, hidden // head_size
 
     def normal(*shape, std=1.0):
         return torch.randn(*shape, generator=g, device=device) * std
 
     def uniform(low, high, *shape):
         return low + (high - low) * torch.rand(*shape, generator=g, device=device)
+
+    return normal, uniform
+
+
+def random_state(layers: int, hidden: int, ffn: int, vocab: int, head_size: int = 64, seed: int = 0,
+                 mix_rank: int = 32, decay_rank: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A BlinkDL-layout RWKV-6 state dict (the shapes the official runtime expects), made on ``device``."""
+    normal, uniform = _samplers(seed, device)
+    C, H = hidden, hidden // head_size
 
     state = {"emb.weight": normal(vocab, C, std=1.0)}
     for i in range(layers):
@@ -73,15 +80,9 @@ def random_state7(layers: int, hidden: int, ffn: int | None, vocab: int, head_si
                   deep_embed: bool = False, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A BlinkDL-layout RWKV-7 (x070) state dict, as the official runtime reads it (block 0 has no
     v0/v1/v2 use, but carries them as trained checkpoints do)."""
-    g = torch.Generator(device).manual_seed(seed)
+    normal, uniform = _samplers(seed, device)
     C, H, F_ = hidden, hidden // head_size, ffn or 4 * hidden
     ranks = lora_ranks7(C)
-
-    def normal(*shape, std=1.0):
-        return torch.randn(*shape, generator=g, device=device) * std
-
-    def uniform(low, high, *shape):
-        return low + (high - low) * torch.rand(*shape, generator=g, device=device)
 
     state = {"emb.weight": normal(vocab, C, std=1.0)}
     for i in range(layers):
