@@ -167,7 +167,7 @@ def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
             continue
         label, metrics = result.label, result.metrics
         dataset = str(label["dataset"])
-        task_name = dataset.split(":", 1)[1] if dataset.startswith("mteb:") else MTEB_TASKS.get(dataset)
+        task_name = dataset.split(":", 1)[1].split("/", 1)[0] if dataset.startswith("mteb:") else MTEB_TASKS.get(dataset)
         if task_name is None:
             left_out += 1
             continue
@@ -192,7 +192,8 @@ def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
                                 **({"dataset_hub_revision": result.settings["dataset.revision"]}
                                    if result.settings.get("dataset.revision") not in (None, "", "null", "None") else {})}
         seconds = (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None
-        task_result = TaskResult.from_task_results(task, {label["split"]: {"default": scores}}, evaluation_time=seconds)
+        subset = dataset.split("/", 1)[1] if dataset.startswith("mteb:") and "/" in dataset else "default"
+        task_result = TaskResult.from_task_results(task, {label["split"]: {subset: scores}}, evaluation_time=seconds)
         postprocess = label.get("postprocess", "none")
         parts = [label["encoder"], f"L{label['layer']}", label["pooler"]] + ([postprocess] if postprocess != "none" else [])
         name = "layerprobe/" + "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(part)) for part in parts)

@@ -94,7 +94,12 @@ def labels_of(settings: dict, layer_label: str | None = None) -> dict[str, str]:
     if model:
         encoder += ":" + model_short_name(str(model))
     layer = layer_label if layer_label is not None else setting_text(settings.get("layer"))
-    return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": str(settings.get("dataset.name", "?")),
+    dataset = str(settings.get("dataset.name", "?"))
+    if dataset == "mteb" and settings.get("dataset.task"):  # one dataset per MTEB task (and subset): never compared across
+        dataset += ":" + str(settings["dataset.task"])
+        if settings.get("dataset.subset") not in (None, "", "null", "None"):
+            dataset += "/" + str(settings["dataset.subset"])
+    return {"encoder": encoder, "pooler": str(settings.get("pooler.name", "?")), "dataset": dataset,
             "split": str(settings.get("dataset.split", "validation")), "layer": "-" if layer in ("null", "None") else layer,
             "postprocess": str(settings.get("postprocess.name", "none")), "finetune": finetune_label(settings)}
 

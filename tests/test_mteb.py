@@ -113,6 +113,15 @@ def test_mteb_tasks_in_a_sweep_are_scored_by_layerprobe_and_by_mtebs_own_evaluat
         metrics = run.data.metrics
         assert metrics[theirs] == pytest.approx(metrics[ours], abs=1e-9), (theirs, metrics)
         assert "mteb.main_score" in metrics and f"{ours}_ci_low" in metrics
+        assert run.info.run_name.endswith(f"· mteb:{task}/test")  # each task its own dataset in titles and summaries
+    # MTEB's results layout carries the task's own scores.
+    from framework.report import main
+
+    main(["--tracking-dir", str(result.store), "--format", "mteb", "--out", str(tmp_path / "export")])
+    files = list((tmp_path / "export").rglob(f"{task}.json"))
+    assert len(files) == 2
+    main_scores = sorted(json.loads(f.read_text())["scores"]["test"][0]["main_score"] for f in files)
+    assert main_scores == pytest.approx(sorted(r.data.metrics["mteb.main_score"] for r in runs), abs=1e-6)
 
 
 def test_a_task_that_is_not_pairs_is_one_line_before_any_run(run_cli, tmp_path):
