@@ -81,10 +81,9 @@ def ours(precision: str):
         module._use_kernels(torch.device("cuda"))
     else:  # bf16 matrices as build_model makes them on CUDA; the trainable module would cast them to float32
         model = build_model(checkpoint, "cuda").train().requires_grad_(True)
-        from plugins.rwkv.wkv import fla_wkv6
+        from plugins.rwkv.wkv import install_wkv
 
-        for block in model.blocks:
-            block.att.wkv = fla_wkv6
+        install_wkv(model, torch.device("cuda"))
     model.head.requires_grad_(False)  # unused by sentence embeddings (as in the finetuner's module)
     return model, lambda tokens, cu: model.hidden_state(tokens, cu.long(), SHAPE["layers"])
 

@@ -30,21 +30,37 @@ def visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
+def checked_option(option):
+    """``gpus`` as given: null, a positive count, or a list of GPU ids; anything else is a one-line error."""
+    if option is None:
+        return None
+    usage = f"gpus={option}: give a number of GPUs (gpus=2), a list of GPU ids (gpus=[0,2]) or null (every visible one)"
+    if isinstance(option, bool) or isinstance(option, (str, float)):
+        raise LayerprobeError(usage)
+    if isinstance(option, int):
+        return option
+    try:
+        ids = list(option)
+    except TypeError:
+        raise LayerprobeError(usage) from None
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise LayerprobeError(usage)
+    return ids
+
+
 def chosen_gpus(option, visible: list[int]) -> list[int]:
     """The GPUs a sweep uses, from the ``gpus`` option (checked against what is visible)."""
+    option = checked_option(option)
     if option is None:
         return visible
-    if isinstance(option, bool):
-        raise LayerprobeError(f"gpus={option}: give a number of GPUs, a list of GPU ids, or null (every visible one)")
     if isinstance(option, int):
         if option < 1 or option > len(visible):
             raise LayerprobeError(f"gpus={option}: {len(visible)} GPU(s) are visible; use 1..{len(visible)} or null")
         return visible[:option]
-    ids = [int(i) for i in option]
-    missing = [i for i in ids if i not in visible]
-    if missing or not ids:
-        raise LayerprobeError(f"gpus={ids}: GPU(s) {missing or ids} are not visible (visible: {visible})")
-    return ids
+    missing = [i for i in option if i not in visible]
+    if missing:
+        raise LayerprobeError(f"gpus={option}: GPU(s) {missing} are not visible (visible: {visible})")
+    return option
 
 
 def claim_gpu(sweep_dir: str, gpus: list[int]) -> int | None:
@@ -72,6 +88,7 @@ def claim_gpu(sweep_dir: str, gpus: list[int]) -> int | None:
 
 def assign_gpu(option, sweep_dir: str | None, number: int | None) -> int | None:
     """Pick this job's GPU (and make it torch's current device); None without GPUs."""
+    checked_option(option)  # a malformed option is said on any machine, with GPUs or not
     visible = visible_gpus()
     if not visible:
         return None

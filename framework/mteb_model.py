@@ -33,6 +33,31 @@ def model_meta(name: str, revision: str, dimension: int, experiment: dict[str, A
         similarity_fn_name="cosine", use_instructions=False, training_datasets=None, experiment_kwargs=experiment)
 
 
+def layer_model_name(encoder: str, layer, pooler: str, postprocess: str = "none", finetune: str | None = None) -> str:
+    """``layerprobe/<encoder>__L<layer>__<pooler>[__<postprocess>][__<finetune>]``: one name scheme for
+    ``mteb_model`` and for ``report --format mteb``."""
+    import re
+
+    parts = [encoder, f"L{layer}", pooler] + ([postprocess] if postprocess != "none" else []) + ([finetune] if finetune else [])
+    return "layerprobe/" + "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(part)) for part in parts)
+
+
+def cosine_matrix(embeddings1, embeddings2):
+    """Every row of the first against every row of the second (``EncoderProtocol.similarity``)."""
+    import torch
+
+    a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(embeddings1).float()), dim=1)
+    b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(embeddings2).float()), dim=1)
+    return a @ b.T
+
+
+def cosine_pairwise(embeddings1, embeddings2):
+    """Row i against row i (``EncoderProtocol.similarity_pairwise``)."""
+    import torch
+
+    return torch.nn.functional.cosine_similarity(torch.as_tensor(embeddings1).float(), torch.as_tensor(embeddings2).float(), dim=1)
+
+
 class LayerModel:
     """mteb's ``EncoderProtocol`` over a planned layerprobe job: texts → the job's encoder at its
     layer → its pooler → its fitted post-processor (if any); cosine similarity, as layerprobe scores."""
@@ -65,16 +90,10 @@ class LayerModel:
         return vectors.float().numpy()
 
     def similarity(self, embeddings1, embeddings2):
-        import torch
-
-        a = torch.nn.functional.normalize(torch.as_tensor(embeddings1).float().reshape(-1, self.dimension), dim=1)
-        b = torch.nn.functional.normalize(torch.as_tensor(embeddings2).float().reshape(-1, self.dimension), dim=1)
-        return a @ b.T
+        return cosine_matrix(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2):
-        import torch
-
-        return torch.nn.functional.cosine_similarity(torch.as_tensor(embeddings1).float(), torch.as_tensor(embeddings2).float(), dim=1)
+        return cosine_pairwise(embeddings1, embeddings2)
 
 
 def build_layer_model(cfg, registry, components: dict[str, Any], encoder_label: str) -> LayerModel:
@@ -101,9 +120,7 @@ def build_layer_model(cfg, registry, components: dict[str, Any], encoder_label: 
     pooler = str(cfg.pooler.name)
     postprocess = str(cfg.postprocess.name) if cfg.get("postprocess") else "none"
     finetune = f"ft-{tuned.report.loss}-{tuned.fingerprint[:8]}" if tuned is not None else None
-    parts = [encoder_label, f"L{job.layer.index}", pooler] + ([postprocess] if postprocess != "none" else []) + (
-        [finetune] if finetune else [])
-    name = "layerprobe/" + "__".join(part.replace("/", "-").replace(":", "-") for part in parts)
+    name = layer_model_name(encoder_label, job.layer.index, pooler, postprocess, finetune)
     settings = {"encoder": job.encoder.fingerprint(), "layer": job.layer.index, "pooler": OmegaConf.to_container(cfg.pooler),
                 "pooler_learned": job.pooler_identity if fitted.origin else None,
                 "postprocess": OmegaConf.to_container(cfg.postprocess) if postprocess != "none" else None,
@@ -136,11 +153,7 @@ class LookupModel:
         return self.vectors[[self.index[t] for t in texts]].numpy()
 
     def similarity(self, embeddings1, embeddings2):
-        return LayerModel.similarity(self, embeddings1, embeddings2)
+        return cosine_matrix(embeddings1, embeddings2)
 
     def similarity_pairwise(self, embeddings1, embeddings2):
-        return LayerModel.similarity_pairwise(self, embeddings1, embeddings2)
-
-    @property
-    def dimension(self) -> int:
-        return int(self.vectors.shape[1])
+        return cosine_pairwise(embeddings1, embeddings2)

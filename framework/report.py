@@ -151,14 +151,12 @@ def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
     (``layerprobe``: run, config hash, the pairs' revision, resamples). Runs on data MTEB has no
     task for (MRPC, QQP, your own pairs) are left out and counted.
     """
-    import re
-
     try:
         import mteb
         from mteb.results import TaskResult
     except ImportError:
         raise LayerprobeError("--format mteb writes MTEB's results with the mteb package: pip install 'layerprobe[mteb]'") from None
-    from framework.mteb_model import model_meta
+    from framework.mteb_model import layer_model_name, model_meta
 
     cache = mteb.ResultCache(out)
     written, left_out = [], 0
@@ -182,10 +180,13 @@ def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
         if "main_score" not in scores:
             left_out += 1
             continue
+        # A score gets layerprobe's bootstrap CI only where it is layerprobe's number: the same metric
+        # of the same cosines (MTEB's main score may be another similarity's, e.g. max_ap).
         ours = {"cosine_spearman": "spearman", "cosine_pearson": "pearson", "spearman": "spearman", "pearson": "pearson",
                 "main_score": "spearman" if task.metadata.type == "STS" else "average_precision", "cosine_ap": "average_precision"}
-        scores["confidence_intervals_95"] = {key: [metrics[f"{ours[key]}_ci_low"], metrics[f"{ours[key]}_ci_high"]] for key in scores
-                                             if key in ours and f"{ours[key]}_ci_low" in metrics}
+        scores["confidence_intervals_95"] = {
+            key: [metrics[f"{ours[key]}_ci_low"], metrics[f"{ours[key]}_ci_high"]] for key, value in scores.items()
+            if key in ours and f"{ours[key]}_ci_low" in metrics and value is not None and abs(value - metrics[ours[key]]) <= 1e-9}
         scores["layerprobe"] = {"run": result.run_ref, "config_hash": result.config_hash, "pairs_revision": result.data_revision or None,
                                 "n_pairs": metrics.get("n_pairs"),
                                 "bootstrap_resamples": _number_or_none(result.settings.get("metric.bootstrap_resamples")),
@@ -194,10 +195,11 @@ def mteb_results(results: list[JobResult], out: Path) -> tuple[list[Path], int]:
         seconds = (metrics.get("n_pairs", 0) / metrics["pairs_per_second"]) if metrics.get("pairs_per_second") else None
         subset = dataset.split("/", 1)[1] if dataset.startswith("mteb:") and "/" in dataset else "default"
         task_result = TaskResult.from_task_results(task, {label["split"]: {subset: scores}}, evaluation_time=seconds)
-        postprocess = label.get("postprocess", "none")
-        parts = [label["encoder"], f"L{label['layer']}", label["pooler"]] + ([postprocess] if postprocess != "none" else [])
-        name = "layerprobe/" + "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(part)) for part in parts)
-        experiment = {"layer": label["layer"], "pooler": label["pooler"], **({"postprocess": postprocess} if postprocess != "none" else {})}
+        postprocess, tuned = label.get("postprocess", "none"), label.get("finetune", "none")
+        finetune = f"ft-{tuned.split(':', 1)[-1]}" if tuned != "none" else None
+        name = layer_model_name(label["encoder"], label["layer"], label["pooler"], postprocess, finetune)
+        experiment = {"layer": label["layer"], "pooler": label["pooler"], **({"postprocess": postprocess} if postprocess != "none" else {}),
+                      **({"finetune": finetune} if finetune else {})}
         meta = model_meta(name, str(result.config_hash)[:12], None, experiment)
         cache.save_to_cache(task_result, meta)
         written.append(cache.get_task_result_path(model_name=meta, model_revision=meta.revision, task_name=task_name))

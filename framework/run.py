@@ -230,7 +230,7 @@ def run_plan(job: JobPlan) -> Evaluation:
         vectors = SentenceVectors(embedding.sentences, embedding.compared) if metric_set.needs_vectors else None
         metrics = metric_set.compute(scores, calibration, job.seed, vectors)
         if pairs.evaluator is not None:  # the split's own library scores the same vectors (dataset=mteb)
-            compared = SentenceVectors(embedding.sentences, embedding.compared)
+            compared = vectors or SentenceVectors(embedding.sentences, embedding.compared)
             metrics.extend(MetricValue(name, value) for name, value in pairs.evaluator(compared).items())
         mistakes = confident_mistakes(scores, job.mistakes)
     undefined = [m.name for m in metrics if not np.isfinite(m.value)]

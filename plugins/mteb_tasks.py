@@ -14,6 +14,7 @@ splits): no hub. Without it, mteb loads the task's data from the hub (online). N
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -100,13 +101,16 @@ class MtebDataset:
         return data[subset][split], subset
 
     def load(self, split: str, limit: int | None) -> PairSet:
+        if limit is not None and limit < 1:
+            raise LayerprobeError(f"dataset.limit={limit} must be a positive number of rows (or null for all)")
         rows, subset = self._split_data(split)
         first_column, second_column = self._columns()
         label_column = "score" if self.label_kind == "graded" else getattr(self.task, "label_column_name", "labels")
         a, b, labels = (list(rows[c]) for c in (first_column, second_column, label_column))
         if a and isinstance(a[0], list):  # the older layout: one row holding lists
             a, b, labels = (sum(column, []) for column in (a, b, labels))
-        read = len(a)
+        whole = len(a)
+        read = whole if limit is None else min(limit, whole)  # the first ``limit`` rows, as every dataset reads them
         skipped: Counter = Counter()
         kept = []
         for i in range(read):
@@ -119,14 +123,11 @@ class MtebDataset:
                 skipped["bad_label"] += 1
                 continue
             kept.append((i, value))
-        if limit is not None:
-            skipped["over_limit"] += max(0, len(kept) - limit)
-            kept = kept[:limit]
         pairs = PairSet(f"mteb:{self.options.task}", split, [str(i) for i, _ in kept], [str(a[i]) for i, _ in kept],
                         [str(b[i]) for i, _ in kept], np.array([v for _, v in kept], dtype=np.float64), read, skipped,
                         source=f"mteb:{self.options.task}/{subset}/{split}", label_kind=self.label_kind)
-        if not skipped:  # MTEB's evaluator scores the split as MTEB defines it: only when nothing was left out
-            pairs.evaluator = lambda vectors: self._evaluate(vectors, split, subset, pairs)
+        partial = None if read == whole and not skipped else f"{read} of {whole} rows read, {sum(skipped.values())} skipped"
+        pairs.evaluator = lambda vectors: self._evaluate(vectors, split, subset, partial)
         return pairs
 
     def _columns(self) -> tuple[str, str]:
@@ -135,8 +136,13 @@ class MtebDataset:
             return str(names[0]), str(names[1])
         return str(getattr(self.task, "input1_column_name", "sentence1")), str(getattr(self.task, "input2_column_name", "sentence2"))
 
-    def _evaluate(self, vectors, split: str, subset: str, pairs: PairSet) -> dict[str, float]:
-        """The task's own evaluator over the vectors the job compared (looked up by sentence)."""
+    def _evaluate(self, vectors, split: str, subset: str, partial: str | None) -> dict[str, float]:
+        """The task's own evaluator over the vectors the job compared (looked up by sentence); not
+        run (said on stderr) when the job evaluated only part of the split: MTEB scores whole splits."""
+        if partial is not None:
+            print(f"layerprobe: warning: dataset=mteb: MTEB's own evaluator scores whole splits, so it is not run on "
+                  f"{self.options.task}/{split} ({partial}); layerprobe's metrics cover the pairs kept", file=sys.stderr, flush=True)
+            return {}
         from framework.mteb_model import LookupModel
 
         scores = self.task.evaluate(LookupModel(vectors), split=split, subsets_to_run=[subset], encode_kwargs={})

@@ -17,7 +17,8 @@ def test_the_gpus_option_chooses_among_the_visible_ones():
     assert chosen_gpus(2, [0, 1, 2, 3]) == [0, 1]
     assert chosen_gpus([3, 1], [0, 1, 2, 3]) == [3, 1]
     for option, message in ((5, "gpus=5: 4 GPU(s) are visible"), (0, "use 1..4"), ([7], "GPU(s) [7] are not visible"),
-                            (True, "give a number of GPUs")):
+                            (True, "give a number of GPUs"), ("foo", "gpus=foo: give a number of GPUs"),
+                            (["a"], "gpus=['a']: give a number"), ([], "gpus=[]: give a number")):
         with pytest.raises(LayerprobeError, match=re.escape(message)):
             chosen_gpus(option, [0, 1, 2, 3])
 
@@ -60,6 +61,13 @@ def test_joblib_workers_each_keep_their_own_gpu(run_cli, tiny_mrpc, tiny_vectors
     held = [next(iter(gpus)) for gpus in by_process.values()]
     assert len(held) == len(set(held)) and set(held) <= {"0", "1"}  # no two workers on one GPU
     assert runs[0].data.params["gpus"] == "null"  # the option as set; which GPU ran it is the tag
+
+
+def test_a_malformed_gpus_option_is_one_line_also_on_a_machine_without_gpus(run_cli, tiny_mrpc, tiny_vectors):
+    result = run_cli(f"dataset.data_dir={tiny_mrpc}", f"encoder.vectors={tiny_vectors}", "gpus=foo")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert any("gpus=foo: give a number of GPUs" in line for line in result.error_lines), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def test_a_gpus_choice_that_cannot_be_met_stops_the_sweep_at_its_first_job(run_cli, tiny_mrpc, tiny_vectors):

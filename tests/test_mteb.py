@@ -122,6 +122,17 @@ def test_mteb_tasks_in_a_sweep_are_scored_by_layerprobe_and_by_mtebs_own_evaluat
     assert len(files) == 2
     main_scores = sorted(json.loads(f.read_text())["scores"]["test"][0]["main_score"] for f in files)
     assert main_scores == pytest.approx(sorted(r.data.metrics["mteb.main_score"] for r in runs), abs=1e-6)
+    for entry in (json.loads(f.read_text())["scores"]["test"][0] for f in files):
+        assert theirs.removeprefix("mteb.") in entry["confidence_intervals_95"]  # layerprobe's number: its CI
+        for key in entry["confidence_intervals_95"]:  # a CI only beside the very number it is the CI of
+            assert any(entry[key] == pytest.approx(r.data.metrics[ours], abs=1e-6) for r in runs), key
+    # A cut split: layerprobe scores the pairs kept; MTEB's evaluator (whole splits) is not run, and says so.
+    cut = run_cli("encoder=glove", f"encoder.vectors={tiny_vectors}", "dataset=mteb", f"dataset.task={task}", f"dataset.local={local}",
+                  "dataset.split=test", "dataset.limit=5", "metric=all", "metric.bootstrap_resamples=50")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "MTEB's own evaluator scores whole splits, so it is not run" in cut.stderr and "5 of 8 rows read" in cut.stderr
+    (run,) = [r for r in cut.runs() if "layerprobe.layer" in r.data.tags and r.data.params["dataset.limit"] == "5"]
+    assert run.data.metrics["n_pairs"] == 5 and not [k for k in run.data.metrics if k.startswith("mteb.")]
 
 
 def test_a_task_that_is_not_pairs_is_one_line_before_any_run(run_cli, tmp_path):

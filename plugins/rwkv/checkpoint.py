@@ -126,8 +126,9 @@ def load_checkpoint(model: str, revision: str | None = None, device: str | torch
             on_config(config)
         return Checkpoint(config, opened.read(), f"file:{path.resolve()}")
     if model.startswith((".", "/", "~")) or model.endswith((".pth", ".pt", ".safetensors")) or model.count("/") != 1:
-        raise LayerprobeError(f"encoder.model={model}: no such file or folder; give an RWKV-6 Hugging Face folder, "
-                              "a BlinkDL .pth or .safetensors file, or a hub id such as RWKV/v6-Finch-1B6-HF")
+        raise LayerprobeError(f"encoder.model={model}: no such file or folder; give an RWKV-6/RWKV-7 Hugging Face folder, "
+                              "a BlinkDL .pth or .safetensors file, or a hub id such as RWKV/v6-Finch-1B6-HF or "
+                              "fla-hub/rwkv7-1.5B-world")
     return _from_hf_folder(_download(model, revision), f"hub:{model}" + (f"@{revision}" if revision else ""),
                            torch.device(device), on_config)
 

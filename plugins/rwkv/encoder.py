@@ -72,7 +72,11 @@ class RWKVEncoder:
             model = build_model(checkpoint, device)
             model.fused = fused and version == 6  # the fused Triton kernels are RWKV-6's
             if device.type == "cuda" and version == 7:
-                _use_gpu_wkv7(model)
+                from plugins.rwkv.wkv import install_wkv
+
+                if not install_wkv(model, device):
+                    warnings.warn("flash-linear-attention is not installed, so RWKV-7 runs its step-by-step PyTorch WKV "
+                                  "on CUDA (slow): pip install 'layerprobe[rwkv-train]'")
             for thread in compiling:
                 thread.join()
                 if thread.error is not None:  # only a head start was lost: kernels compile at first use
@@ -227,19 +231,6 @@ class RWKVEncoder:
 
             self._graphs = PackGraphs(self.model, device, self._budget(device))
         return self._graphs
-
-
-def _use_gpu_wkv7(model) -> None:
-    """RWKV-7 on CUDA: flash-linear-attention's chunked generalised-delta-rule kernel for the WKV
-    when it is installed (``layerprobe[rwkv-train]``), else the PyTorch step-by-step form."""
-    from plugins.rwkv.wkv import fla_available, fla_wkv7
-
-    if fla_available():
-        for block in model.blocks:
-            block.att.wkv = fla_wkv7
-    else:
-        warnings.warn("flash-linear-attention is not installed, so RWKV-7 runs its step-by-step PyTorch WKV on CUDA "
-                      "(slow): pip install 'layerprobe[rwkv-train]'")
 
 
 def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -164,15 +164,17 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-class RWKV6(nn.Module):
-    def __init__(self, config: RWKV6Config, device: str | torch.device | None = None):
+class PackedStack(nn.Module):
+    """What RWKV-6 and RWKV-7 share: embedding (+ ``ln0``), a stack of blocks, ``ln_out``, head."""
+
+    def __init__(self, config, block, device: str | torch.device | None = None):
         """``device="meta"`` builds the structure without memory, for loading weights into."""
         super().__init__()
         self.config = config
-        self.fused = False  # CUDA: the Triton kernels of plugins.rwkv.fused between matmuls
+        self.fused = False  # CUDA: the Triton kernels of plugins.rwkv.fused between matmuls (RWKV-6 only)
         self.emb = nn.Embedding(config.vocab_size, config.hidden_size,  # _weight: no random init (on meta it imports torch._dynamo)
                                 _weight=torch.empty(config.vocab_size, config.hidden_size, device=device))
-        self.blocks = nn.ModuleList(Block(config, i, device) for i in range(config.num_layers))
+        self.blocks = nn.ModuleList(block(config, i, device) for i in range(config.num_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
 
@@ -181,13 +183,22 @@ class RWKV6(nn.Module):
         """Entries of Hugging Face's ``hidden_states``: one per block, then one after ``ln_out``."""
         return self.config.num_layers + 1
 
-    def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
-        """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
-        return self.continue_from(self.embed(tokens), cu_seqlens, -1, index)
-
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embeddings after ``ln0`` (float32): what block 0 reads."""
         return _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
+
+    def logits(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        x = self.hidden_state(tokens, cu_seqlens, self.config.num_layers)
+        return self.head(x.to(self.head.weight.dtype)).float()
+
+
+class RWKV6(PackedStack):
+    def __init__(self, config: RWKV6Config, device: str | torch.device | None = None):
+        super().__init__(config, Block, device)
+
+    def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
+        """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
+        return self.continue_from(self.embed(tokens), cu_seqlens, -1, index)
 
     def continue_from(self, x: torch.Tensor, cu_seqlens: torch.Tensor, after: int, index: int) -> torch.Tensor:
         """``hidden_states[index]`` from ``x`` = ``hidden_states[after]`` (-1: the embeddings after ln0)."""
@@ -201,7 +212,3 @@ class RWKV6(nn.Module):
         for block in blocks:
             x = block(x, packed)
         return x if final_norm is None else _layer_norm(final_norm, x)
-
-    def logits(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = self.hidden_state(tokens, cu_seqlens, self.config.num_layers)
-        return self.head(x.to(self.head.weight.dtype)).float()

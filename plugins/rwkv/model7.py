@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugins.rwkv.model import PackedStack, _layer_norm  # the shared embedding, stack, ln_out and head
+
 DECAY_SCALE = 0.6065306597126334  # e^-0.5: log w = -e^-0.5 · σ(·), so every decay lies in (0.545, 1)
 DEEP_EMBED_RANK = 32  # DeepEmbed: a 32 × 32 matrix per token
 
@@ -206,27 +208,9 @@ class Block7(nn.Module):
         return self.ffn(x, _layer_norm(self.ln2, x), is_start, tokens, embedded), v_first
 
 
-def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-
-
-class RWKV7(nn.Module):
+class RWKV7(PackedStack):
     def __init__(self, config: RWKV7Config, device: str | torch.device | None = None):
-        super().__init__()
-        self.config = config
-        self.fused = False  # no fused kernels for x070 (the attribute the encoder reads)
-        self.emb = nn.Embedding(config.vocab_size, config.hidden_size,
-                                _weight=torch.empty(config.vocab_size, config.hidden_size, device=device))
-        self.blocks = nn.ModuleList(Block7(config, i, device) for i in range(config.num_layers))
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
-
-    @property
-    def num_hidden_states(self) -> int:
-        return self.config.num_layers + 1
-
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return _layer_norm(self.blocks[0].ln0, self.emb(tokens).float())
+        super().__init__(config, Block7, device)  # no fused kernels for x070: ``fused`` stays False
 
     def hidden_state(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, index: int) -> torch.Tensor:
         """``hidden_states[index]`` of every packed token (float32), running only the blocks needed."""
@@ -238,7 +222,3 @@ class RWKV7(nn.Module):
         for block in self.blocks[: min(index + 1, self.config.num_layers)]:
             x, v_first = block(x, is_start, cu_seqlens, v_first, tokens, embedded)
         return _layer_norm(self.ln_out, x) if index == self.config.num_layers else x
-
-    def logits(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        x = self.hidden_state(tokens, cu_seqlens, self.config.num_layers)
-        return self.head(x.to(self.head.weight.dtype)).float()

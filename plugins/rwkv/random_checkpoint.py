@@ -34,6 +34,14 @@ def _samplers(seed: int, device: str):
     return normal, uniform
 
 
+def _block_norms(b: str, index: int, C: int, normal, uniform) -> dict[str, torch.Tensor]:
+    """ln0 (block 0), ln1, ln2 of a block: unit-ish scales, small biases (drawn in this order)."""
+    norms = {}
+    for ln in (("ln0", "ln1", "ln2") if index == 0 else ("ln1", "ln2")):
+        norms[b + f"{ln}.weight"], norms[b + f"{ln}.bias"] = uniform(0.8, 1.2, C), normal(C, std=0.05)
+    return norms
+
+
 def random_state(layers: int, hidden: int, ffn: int, vocab: int, head_size: int = 64, seed: int = 0,
                  mix_rank: int = 32, decay_rank: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A BlinkDL-layout RWKV-6 state dict (the shapes the official runtime expects), made on ``device``."""
@@ -43,10 +51,7 @@ def random_state(layers: int, hidden: int, ffn: int, vocab: int, head_size: int 
     state = {"emb.weight": normal(vocab, C, std=1.0)}
     for i in range(layers):
         b = f"blocks.{i}."
-        if i == 0:
-            state[b + "ln0.weight"], state[b + "ln0.bias"] = uniform(0.8, 1.2, C), normal(C, std=0.05)
-        for ln in ("ln1", "ln2"):
-            state[b + f"{ln}.weight"], state[b + f"{ln}.bias"] = uniform(0.8, 1.2, C), normal(C, std=0.05)
+        state.update(_block_norms(b, i, C, normal, uniform))
         for name in "xwkvrg":
             state[b + f"att.time_maa_{name}"] = uniform(0, 1, 1, 1, C)
         state[b + "att.time_maa_w1"] = uniform(-0.05, 0.05, C, 5 * mix_rank)
@@ -87,10 +92,7 @@ def random_state7(layers: int, hidden: int, ffn: int | None, vocab: int, head_si
     state = {"emb.weight": normal(vocab, C, std=1.0)}
     for i in range(layers):
         b = f"blocks.{i}."
-        if i == 0:
-            state[b + "ln0.weight"], state[b + "ln0.bias"] = uniform(0.8, 1.2, C), normal(C, std=0.05)
-        for ln in ("ln1", "ln2"):
-            state[b + f"{ln}.weight"], state[b + f"{ln}.bias"] = uniform(0.8, 1.2, C), normal(C, std=0.05)
+        state.update(_block_norms(b, i, C, normal, uniform))
         for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
             state[b + f"att.{name}"] = uniform(0, 1, 1, 1, C)
         state[b + "att.w0"] = uniform(-3.0, 1.0, 1, 1, C)

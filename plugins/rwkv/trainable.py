@@ -93,19 +93,12 @@ class RWKVTransformer(InputModule):
         return {**features, "token_embeddings": tokens}
 
     def _use_kernels(self, device: torch.device) -> None:
-        """On CUDA, fla's ``chunk_rwkv6`` (it has a backward) for every block's WKV, once per device."""
-        if self._kernel_device == device:
-            return
-        self._kernel_device = device
-        from plugins.rwkv.model import wkv_from_log_decay
-        from plugins.rwkv.model7 import wkv7
-        from plugins.rwkv.wkv import fla_available, fla_wkv6, fla_wkv7
+        """On CUDA, fla's kernels (they have a backward) for every block's WKV, once per device."""
+        if self._kernel_device != device:
+            from plugins.rwkv.wkv import install_wkv
 
-        seven = getattr(self.rwkv.config, "version", 6) == 7
-        kernel = device.type == "cuda" and fla_available()
-        wkv = (fla_wkv7 if kernel else wkv7) if seven else (fla_wkv6 if kernel else wkv_from_log_decay)
-        for block in self.rwkv.blocks:
-            block.att.wkv = wkv
+            install_wkv(self.rwkv, device)
+            self._kernel_device = device
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
         from safetensors.torch import save_file

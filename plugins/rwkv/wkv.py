@@ -118,6 +118,21 @@ def fla_available() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
+def install_wkv(model, device) -> bool:
+    """Every block's WKV for ``device`` (RWKV-6 or RWKV-7): flash-linear-attention's chunked
+    kernels (forward and backward) on CUDA when it is installed, else the PyTorch forms (the
+    chunked RWKV-6 WKV, the RWKV-7 step form). Returns whether fla's kernels were installed."""
+    from plugins.rwkv.model import wkv_from_log_decay
+    from plugins.rwkv.model7 import wkv7
+
+    seven = getattr(model.config, "version", 6) == 7
+    kernel = device.type == "cuda" and fla_available()
+    wkv = (fla_wkv7 if kernel else wkv7) if seven else (fla_wkv6 if kernel else wkv_from_log_decay)
+    for block in model.blocks:
+        block.att.wkv = wkv
+    return kernel
+
+
 def fla_wkv6(r, k, v, log_decay, u, cu_seqlens) -> torch.Tensor:
     """flash-linear-attention's chunked RWKV-6 kernels on the packed tokens (B = 1, ``cu_seqlens``):
     the same recurrence as ``plugins.rwkv.wkv`` with log d, u as given and no 1/√N scale."""
